@@ -294,7 +294,7 @@ def _check_batch(path: Path, table: pa.Table, spec: FeatureSpec, base: int) -> N
         bad = ~((y == 0) | (y == 1))
         if bad.any():
             row = _first(bad)
-            raise InstanceLogError(path, f"label {y[row]!r} is not in {{0, 1}}", column=col,
+            raise InstanceLogError(path, f"label {y[row]:g} is not in {{0, 1}}", column=col,
                                    row=base + row)
     for f in spec.sparse:
         arr = table[f.name].combine_chunks()
