@@ -57,7 +57,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: Type[Any]) -> Non
             (item,) = typing.get_args(tp)[:1]
             kwargs.update(nargs="*", type=item)
         elif tp is bool:
-            kwargs.update(type=_parse_bool, metavar="{true,false}")
+            kwargs.update(type=_parse_bool, metavar="{true,false}", nargs="?", const=True)
         elif isinstance(tp, type) and issubclass(tp, enum.Enum):
             kwargs.update(type=tp, choices=list(tp))
         else:

@@ -13,6 +13,15 @@ from iat_torchrec.data.spec import DenseField, FeatureGroup, FeatureSpec, Sparse
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+ML_LATEST_SMALL = SHARED_DATA / "ml-latest-small"
+
+
+def require_ml_latest_small() -> Path:
+    """The real data the suite checks against; its absence fails the test, never skips it."""
+    if not (ML_LATEST_SMALL / "ratings.csv").is_file():
+        pytest.fail(f"{ML_LATEST_SMALL} is missing: the tests expect the shared data beside the "
+                    "checkout (../shared/data/ml-latest-small)")
+    return ML_LATEST_SMALL
 
 
 def tiny_spec() -> FeatureSpec:
