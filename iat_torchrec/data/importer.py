@@ -604,7 +604,11 @@ def import_log(source: PathLike, spec: Union[PathLike, FeatureSpec], output: Pat
             raise FileNotFoundError(f"{f}: extra file not found")
     # Unique by name: a later file of the same name would overwrite an earlier one.
     carried = list({f.name: f for f in carried}.values())
-    writer_kwargs = dict(overwrite=overwrite, rows_per_file=rows_per_file, extra_files=carried)
+    writer_kwargs = dict(overwrite=overwrite, rows_per_file=rows_per_file, extra_files=carried,
+                         provenance={"source": "import", "path": str(src.resolve()),
+                                     "user_column": user_column, "ts_column": ts_column,
+                                     "instance_id_column": instance_id_column,
+                                     "ts_unit": ts_unit, "rename": list(rename)})
 
     if kind == "csv":
         _import_csv(src, feature_spec, names, ts_unit, list_delimiter, csv_delimiter, out,

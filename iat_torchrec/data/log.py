@@ -9,6 +9,7 @@ unique), ``user_id`` (int64), ``ts`` (int64 seconds), the label columns (0/1), s
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +25,7 @@ from iat_torchrec.data.spec import INSTANCE_ID, TS, USER_ID, FeatureSpec, SpecEr
 
 PathLike = Union[str, os.PathLike]
 
+PROVENANCE_FILE = "provenance.json"
 DEFAULT_ROWS_PER_FILE = 2_000_000
 DEFAULT_ROW_GROUP_SIZE = 131_072
 
@@ -81,14 +83,18 @@ class LogWriter:
 
     Tables are cast to the spec's schema and cut into files of ``rows_per_file`` rows. The
     directory appears under its final name only when :meth:`close` succeeds; ``extra_files``
-    (for example a data licence) are copied into it.
+    (for example a data licence) are copied into it, and ``provenance`` (what made the log: a
+    generator config, an import source) is saved as ``provenance.json`` so a later run can tell
+    whether an existing log is the one it would make.
     """
 
     def __init__(self, path: PathLike, spec: FeatureSpec, overwrite: bool = False,
                  rows_per_file: int = DEFAULT_ROWS_PER_FILE,
                  row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-                 extra_files: Sequence[PathLike] = ()) -> None:
+                 extra_files: Sequence[PathLike] = (),
+                 provenance: Optional[Mapping[str, object]] = None) -> None:
         self.path = Path(path)
+        self.provenance = provenance
         self.spec = spec
         self.schema = arrow_schema(spec)
         self.rows_per_file = rows_per_file
@@ -113,7 +119,10 @@ class LogWriter:
         while table.num_rows:
             if self._writer is None:
                 name = self._tmp / f"part-{self._n_files:05d}.parquet"
-                self._writer = pq.ParquetWriter(name, self.schema, compression="snappy")
+                # Dictionary-encode ids only: floats and unique keys gain nothing from it and
+                # it halves the write rate.
+                self._writer = pq.ParquetWriter(name, self.schema, compression="snappy",
+                                                use_dictionary=self.spec.sparse_names)
                 self._n_files += 1
             take = min(table.num_rows, self.rows_per_file - self._file_rows)
             self._writer.write_table(table.slice(0, take), row_group_size=self.row_group_size)
@@ -135,6 +144,9 @@ class LogWriter:
         self.spec.save(self._tmp / spec_path(self._tmp).name)
         for f in self.extra_files:
             shutil.copy2(f, self._tmp / f.name)
+        if self.provenance is not None:
+            (self._tmp / PROVENANCE_FILE).write_text(
+                json.dumps(self.provenance, indent=2, sort_keys=True, default=str) + "\n")
         self._ctx.__exit__(None, None, None)
         return self.path
 
@@ -165,6 +177,12 @@ def write_log(tables: Union[pa.Table, Iterable[pa.Table]], path: PathLike, spec:
         for t in [tables] if isinstance(tables, pa.Table) else tables:
             w.write(t)
     return Path(path)
+
+
+def read_provenance(log_path: PathLike) -> Optional[Dict[str, object]]:
+    """The provenance saved with a log directory by :class:`LogWriter`, if any."""
+    f = Path(log_path) / PROVENANCE_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def license_files(log_path: PathLike) -> List[Path]:

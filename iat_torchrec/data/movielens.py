@@ -546,7 +546,10 @@ def import_movielens(source: PathLike, output: PathLike, *, format: str = "auto"
         vocab_file = Path(tmp) / VOCAB_FILE_NAME
         vocab_file.write_text(json.dumps(vocabs, ensure_ascii=False) + "\n")
         with LogWriter(out, spec, overwrite=overwrite, rows_per_file=rows_per_file,
-                       extra_files=[*carried, vocab_file]) as w:
+                       extra_files=[*carried, vocab_file],
+                       provenance={"source": "movielens", "path": str(src.resolve()),
+                                   "format": format,
+                                   "zip_prefix_length": zip_prefix_length}) as w:
             for start in range(0, table.num_rows, 1_000_000):
                 w.write(table.slice(start, 1_000_000))
     return validate_log(out, spec)
