@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -210,20 +211,21 @@ class LogSummary:
     dense_means: Dict[str, float]
 
     def format(self) -> str:
-        lines = [
+        def listing(title: str, items: Dict[str, float], fmt: str) -> List[str]:
+            text = "  ".join(f"{k}={v:{fmt}}" for k, v in items.items())
+            return textwrap.wrap(text, width=100, initial_indent=f"  {title}: ",
+                                 subsequent_indent="      ")
+
+        return "\n".join([
             f"instance log  {self.path}",
             f"  files {self.files}   instances {self.rows:,}   users {self.users:,}   "
             f"instances/user {self.rows / max(self.users, 1):.1f}",
             f"  ts [{self.ts_min}, {self.ts_max}]  span {(self.ts_max - self.ts_min) / 86400:.1f} "
             f"days  stored in time order: {'yes' if self.time_sorted else 'no'}",
-            "  label rates  " + "  ".join(f"{k}={v:.4f}" for k, v in self.label_rates.items()),
-            "  sparse fields (mean ids per instance)  "
-            + "  ".join(f"{k}={v:.2f}" for k, v in self.sparse_mean_lengths.items()),
-        ]
-        if self.dense_means:
-            lines.append("  dense fields (mean)  "
-                         + "  ".join(f"{k}={v:.3g}" for k, v in self.dense_means.items()))
-        return "\n".join(lines)
+            *listing("label rates", self.label_rates, ".4f"),
+            *listing("sparse fields, mean ids per instance", self.sparse_mean_lengths, ".2f"),
+            *listing("dense fields, mean", self.dense_means, ".3g"),
+        ])
 
 
 def _type_name(t: pa.DataType) -> str:
