@@ -20,11 +20,11 @@ from iat_torchrec.data.movielens import (
     import_movielens,
     log_bucket,
 )
-from conftest import require_ml_latest_small
+from conftest import ML_LATEST_SMALL, require_ml_latest_small
 from iat_torchrec.data.spec import FeatureGroup, FeatureSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ML_SMALL = REPO_ROOT.parent / "shared" / "data" / "ml-latest-small"
+ML_SMALL = ML_LATEST_SMALL
 
 
 def read_log(path: Path) -> pa.Table:

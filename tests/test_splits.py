@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import require_ml_latest_small
+from conftest import ML_LATEST_SMALL, require_ml_latest_small
 
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.log import write_log
@@ -29,7 +29,7 @@ from iat_torchrec.data.splits import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ML_SMALL = REPO_ROOT.parent / "shared" / "data" / "ml-latest-small"
+ML_SMALL = ML_LATEST_SMALL
 
 SPEC = FeatureSpec(sparse=[SparseField("item", 1000)], dense=[], labels=["click"])
 

@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -38,8 +38,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iat_torchrec.data.batch import InstanceBatch
-from iat_torchrec.data.log import InstanceLogError, log_files, open_parquet
-from iat_torchrec.data.spec import INSTANCE_ID, KEY_COLUMNS, TS, USER_ID, FeatureSpec
+from iat_torchrec.data.log import (InstanceLogError, KeyColumns, log_files, open_parquet,
+                                   read_key_columns)
+from iat_torchrec.data.spec import KEY_COLUMNS, FeatureSpec
 
 PathLike = Union[str, os.PathLike]
 
@@ -79,38 +80,6 @@ def hash_ids(ids: np.ndarray, num_buckets: int) -> np.ndarray:
     return (x % np.uint64(num_buckets)).astype(np.int64)
 
 
-@dataclasses.dataclass
-class _KeyIndex:
-    """The key columns of the whole log, and where each row lives."""
-
-    files: List[Path]
-    instance_id: np.ndarray
-    user_id: np.ndarray
-    ts: np.ndarray
-    group_starts: np.ndarray  # global first row of each (file, row group), plus the total
-    group_ids: List[Tuple[int, int]]  # (file index, row group index) per group
-
-
-def _scan_keys(files: List[Path]) -> _KeyIndex:
-    ids, users, tss, starts, groups = [], [], [], [0], []
-    for fi, f in enumerate(files):
-        pf = open_parquet(f)
-        missing = [c for c in KEY_COLUMNS if c not in pf.schema_arrow.names]
-        if missing:
-            raise InstanceLogError(f, "missing column", column=missing[0])
-        for g in range(pf.num_row_groups):
-            t = pf.read_row_group(g, columns=list(KEY_COLUMNS))
-            ids.append(t[INSTANCE_ID].to_numpy())
-            users.append(t[USER_ID].to_numpy())
-            tss.append(t[TS].to_numpy())
-            starts.append(starts[-1] + t.num_rows)
-            groups.append((fi, g))
-    if starts[-1] == 0:
-        raise InstanceLogError(files[0], "empty input: the log has no rows")
-    return _KeyIndex(files, np.concatenate(ids), np.concatenate(users), np.concatenate(tss),
-                     np.asarray(starts, dtype=np.int64), groups)
-
-
 def _deal_steps(order: np.ndarray, batch_size: int, rank: int, world_size: int,
                 drop_last: bool) -> np.ndarray:
     """Rank ``rank``'s rows when global steps of ``world_size * batch_size`` rows are dealt to
@@ -124,7 +93,7 @@ def _deal_steps(order: np.ndarray, batch_size: int, rank: int, world_size: int,
     return np.concatenate([mine, tail])
 
 
-def _deal_users(key: _KeyIndex, rank: int, world_size: int) -> np.ndarray:
+def _deal_users(key: KeyColumns, rank: int, world_size: int) -> np.ndarray:
     """Rank ``rank``'s rows in user order: whole users, dealt so instance counts balance."""
     order = np.lexsort((key.instance_id, key.ts, key.user_id))
     users_sorted = key.user_id[order]
@@ -289,7 +258,7 @@ class InstanceLogReader:
                 if col not in names:
                     raise InstanceLogError(f, "missing column required by the feature spec",
                                            column=col)
-        self._key = _scan_keys(self.files)
+        self._key = read_key_columns(self.files)
         self._columns = self.spec.columns
         self._assemble = _BatchAssembler(self.spec, self.config.batch_size)
 

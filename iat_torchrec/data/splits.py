@@ -47,9 +47,10 @@ from iat_torchrec.data.log import (
     license_files,
     log_files,
     open_parquet,
+    read_key_columns,
     validate_log,
 )
-from iat_torchrec.data.spec import INSTANCE_ID, TS, USER_ID, FeatureSpec
+from iat_torchrec.data.spec import FeatureSpec
 
 PathLike = Union[str, os.PathLike]
 
@@ -174,24 +175,6 @@ def _check_paths(source: Path, output: Path) -> None:
         raise ValueError(f"{output}: the output must not contain the source log {source}")
 
 
-def _read_keys(files: List[Path]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    iid, uid, ts = [], [], []
-    for f in files:
-        pf = open_parquet(f)
-        names = pf.schema_arrow.names
-        for col in (INSTANCE_ID, USER_ID, TS):
-            if col not in names:
-                raise InstanceLogError(f, "missing key column", column=col)
-        try:
-            t = pf.read(columns=[INSTANCE_ID, USER_ID, TS])
-        except (OSError, pa.ArrowException) as e:
-            raise InstanceLogError(f, f"unreadable or corrupted Parquet file ({e})") from None
-        iid.append(t[INSTANCE_ID].to_numpy())
-        uid.append(t[USER_ID].to_numpy())
-        ts.append(t[TS].to_numpy())
-    return np.concatenate(iid), np.concatenate(uid), np.concatenate(ts)
-
-
 def _write_splits(source: Path, files: List[Path], spec: FeatureSpec, assignment: np.ndarray,
                   output: Path, overwrite: bool, manifest: Dict[str, object],
                   rows_per_file: int) -> Dict[str, LogSummary]:
@@ -245,7 +228,8 @@ def _prepare(source: PathLike, output: PathLike):
     _check_paths(src, out)
     files = log_files(src)
     spec = FeatureSpec.load(src)
-    iid, uid, ts = _read_keys(files)
+    keys = read_key_columns(files)
+    iid, uid, ts = keys.instance_id, keys.user_id, keys.ts
     return src, out, files, spec, iid, uid, ts
 
 
