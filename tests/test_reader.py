@@ -182,3 +182,15 @@ def test_reader_errors(tmp_path, log_dir):
     pq.write_table(pa.table(cols), tmp_path / "x.parquet")
     with pytest.raises(InstanceLogError, match="column 'price'.*missing column"):
         InstanceLogReader(tmp_path / "x.parquet", spec=spec)
+
+
+def test_reverse_user_order_keeps_each_history_in_time(log_dir):
+    (fwd,) = _read(log_dir, "user")
+    (rev,) = _read(log_dir, "user", reverse=True)
+    users_f = np.concatenate([b.user_id.numpy() for b in fwd])
+    users_r = np.concatenate([b.user_id.numpy() for b in rev])
+    first = lambda u: list(dict.fromkeys(u.tolist()))  # noqa: E731
+    assert first(users_r) == first(users_f)[::-1]
+    ts_r = np.concatenate([b.ts.numpy() for b in rev])
+    for u in np.unique(users_r):
+        assert (np.diff(ts_r[users_r == u]) >= 0).all()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Callable
 
 import torch
 from torchrec.datasets.utils import Batch
@@ -11,7 +13,8 @@ from torchrec.datasets.utils import Batch
 @dataclass
 class InstanceBatch(Batch):
     """A TorchRec ``Batch`` (dense [B, D] float32, sparse KJT, labels [B, num_labels] float32)
-    that also carries ``instance_id``, ``user_id`` and ``ts`` ([B] int64 each).
+    that also carries ``instance_id``, ``user_id`` and ``ts`` ([B] int64 each) and a per-row loss
+    ``weight`` ([B] float32).
 
     It goes wherever a ``Batch`` goes (``TrainPipelineSparseDist`` included); the key columns
     are what token export, user-order training and per-user metrics need.
@@ -20,31 +23,25 @@ class InstanceBatch(Batch):
     instance_id: torch.Tensor
     user_id: torch.Tensor
     ts: torch.Tensor
+    weight: torch.Tensor  # [B] float32 row weight in the loss: 1, or 0 for a padding row
+
+    def _map(self, fn: Callable[[Any], Any]) -> "InstanceBatch":
+        return InstanceBatch(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "InstanceBatch":
-        return InstanceBatch(
-            dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
-            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
-            labels=self.labels.to(device=device, non_blocking=non_blocking),
-            instance_id=self.instance_id.to(device=device, non_blocking=non_blocking),
-            user_id=self.user_id.to(device=device, non_blocking=non_blocking),
-            ts=self.ts.to(device=device, non_blocking=non_blocking),
-        )
+        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
-        super().record_stream(stream)
-        for t in (self.instance_id, self.user_id, self.ts):
-            t.record_stream(stream)
+        for f in fields(self):
+            getattr(self, f.name).record_stream(stream)
 
     def pin_memory(self) -> "InstanceBatch":
-        return InstanceBatch(
-            dense_features=self.dense_features.pin_memory(),
-            sparse_features=self.sparse_features.pin_memory(),
-            labels=self.labels.pin_memory(),
-            instance_id=self.instance_id.pin_memory(),
-            user_id=self.user_id.pin_memory(),
-            ts=self.ts.pin_memory(),
-        )
+        return self._map(lambda t: t.pin_memory())
+
+    def as_padding(self) -> "InstanceBatch":
+        """The same rows with weight 0: lets a rank that ran out of data take part in a
+        collective step without changing the model."""
+        return dataclasses.replace(self, weight=torch.zeros_like(self.weight))
 
     def __len__(self) -> int:
         return int(self.instance_id.numel())

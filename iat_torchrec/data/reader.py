@@ -65,6 +65,9 @@ class ReaderConfig:
         default=False, metadata={"help": "drop the final, partial global step"})
     chunk_rows: int = dataclasses.field(
         default=524_288, metadata={"help": "rows held in memory at once (bounds memory)"})
+    reverse: bool = dataclasses.field(default=False, metadata={
+        "help": "user order: users in reverse order (each user's rows stay in time order); "
+                "temporal: newest first"})
 
 
 def hash_ids(ids: np.ndarray, num_buckets: int) -> np.ndarray:
@@ -93,7 +96,7 @@ def _deal_steps(order: np.ndarray, batch_size: int, rank: int, world_size: int,
     return np.concatenate([mine, tail])
 
 
-def _deal_users(key: KeyColumns, rank: int, world_size: int) -> np.ndarray:
+def _deal_users(key: KeyColumns, rank: int, world_size: int, reverse: bool) -> np.ndarray:
     """Rank ``rank``'s rows in user order: whole users, dealt so instance counts balance."""
     order = np.lexsort((key.instance_id, key.ts, key.user_id))
     users_sorted = key.user_id[order]
@@ -108,6 +111,8 @@ def _deal_users(key: KeyColumns, rank: int, world_size: int) -> np.ndarray:
     # This rank's users by the time of their first instance (then user id).
     first_ts = key.ts[order[starts[mine]]]
     mine = mine[np.lexsort((users_sorted[starts[mine]], first_ts))]
+    if reverse:
+        mine = mine[::-1]
     if mine.size == 0:
         return np.empty(0, dtype=np.int64)
     seg_starts, seg_lens = starts[mine], counts[mine]
@@ -224,6 +229,7 @@ class _BatchAssembler:
                 lengths=torch.from_numpy(lengths.reshape(-1))),
             labels=torch.from_numpy(labels),
             instance_id=instance_id, user_id=user_id, ts=ts,
+            weight=torch.ones(n, dtype=torch.float32),
         )
 
 
@@ -275,9 +281,11 @@ class InstanceLogReader:
         """This rank's global row numbers (row position in the log), in emission order."""
         key, cfg = self._key, self.config
         if cfg.order == ReadOrder.USER:
-            return _deal_users(key, self.rank, self.world_size)
+            return _deal_users(key, self.rank, self.world_size, cfg.reverse)
         if cfg.order == ReadOrder.TEMPORAL:
             order = np.lexsort((key.instance_id, key.ts))
+            if cfg.reverse:
+                order = order[::-1]
         elif cfg.order == ReadOrder.SHUFFLED:
             rng = np.random.default_rng([cfg.seed, self.epoch])
             order = rng.permutation(key.ts.size)
