@@ -1,0 +1,196 @@
+"""Process group, sharding plan, DistributedModelParallel and optimizers, the TorchRec way.
+
+Tables are built on the meta device; ``EmbeddingShardingPlanner`` plans them under the
+configured constraints; ``DistributedModelParallel`` shards them; the sparse optimizer
+(row-wise Adagrad) is fused into backward with ``apply_optimizer_in_backward`` and combined with
+a dense optimizer, as in TorchRec's DLRM example. The same code runs on CPU with gloo and on CUDA
+with nccl: the device is a parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+CPU_SHARDING_TYPES = ("table_wise", "column_wise", "data_parallel")
+CUDA_SHARDING_TYPES = ("table_wise", "column_wise", "row_wise", "table_row_wise",
+                       "data_parallel")
+# The default keeps every table row whole on one rank and every table on FBGEMM's fused
+# row-wise Adagrad, so results do not depend on the process count: data-parallel tables are
+# trained by a different (non-fused) implementation, and column-wise shards keep a separate
+# row-wise optimizer state per column slice. Ask for those types explicitly when needed.
+DEFAULT_SHARDING_TYPES = {"cpu": ("table_wise",), "cuda": ("table_wise", "row_wise",
+                                                            "table_row_wise")}
+
+
+@dataclasses.dataclass
+class ShardingConfig:
+    """Where and how embedding tables are sharded and trained."""
+
+    device: str = dataclasses.field(default="cpu", metadata={"help": "cpu or cuda"})
+    sharding_types: List[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "sharding types the planner may use (table_wise, column_wise, row_wise, "
+                "table_row_wise, data_parallel; row-wise ones need CUDA); empty: those that "
+                "keep rows whole (table_wise on CPU; table_wise, row_wise, table_row_wise on "
+                "CUDA), so results do not depend on the number of processes"})
+    uvm_caching: bool = dataclasses.field(default=False, metadata={
+        "help": "CUDA: keep tables in host memory with an HBM cache (fused_uvm_caching)"})
+    sparse_lr: float = dataclasses.field(default=0.05, metadata={
+        "help": "learning rate of the fused row-wise Adagrad on the tables"})
+    dense_lr: float = dataclasses.field(default=1e-3, metadata={
+        "help": "learning rate of Adam on the dense parameters"})
+
+
+@dataclasses.dataclass
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_process_group(device: str = "cpu") -> DistEnv:
+    """Join the job's process group (torchrun's environment), or make a one-process group.
+
+    gloo on CPU, nccl on CUDA. A run without torchrun gets a single-process group over a file
+    rendezvous, so the same sharded code path runs everywhere.
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda asked for, but torch sees no CUDA device")
+    backend = "nccl" if device == "cuda" else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            rdzv = tempfile.NamedTemporaryFile(prefix="iat-rdzv-", delete=False).name
+            os.unlink(rdzv)
+            dist.init_process_group(backend, init_method=f"file://{rdzv}", rank=0,
+                                    world_size=1)
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def planner_constraints(tables: List[str], config: ShardingConfig,
+                        device: torch.device) -> Dict[str, ParameterConstraints]:
+    """The planner's per-table constraints from the config (checked against the device)."""
+    supported = CUDA_SHARDING_TYPES if device.type == "cuda" else CPU_SHARDING_TYPES
+    types = list(config.sharding_types) or list(DEFAULT_SHARDING_TYPES[device.type])
+    bad = [t for t in types if t not in supported]
+    if bad:
+        raise ValueError(f"sharding types {bad} are not supported on {device.type} "
+                         f"(supported: {list(supported)})")
+    for t in types:
+        ShardingType(t)  # a known TorchRec name
+    kernels = None
+    if config.uvm_caching:
+        if device.type != "cuda":
+            raise ValueError("uvm_caching needs CUDA")
+        kernels = ["fused_uvm_caching"]
+    return {name: ParameterConstraints(sharding_types=types, compute_kernels=kernels)
+            for name in tables}
+
+
+def shard_model(model: nn.Module, env: DistEnv, config: ShardingConfig, batch_size: int
+                ) -> Tuple[DistributedModelParallel, CombinedOptimizer]:
+    """Plan, shard and wrap ``model``; returns the DMP model and its combined optimizer.
+
+    Every ``EmbeddingBagCollection`` of ``model`` gets row-wise Adagrad fused into its backward;
+    everything else is trained by Adam (data parallel).
+    """
+    tables: List[str] = []
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            apply_optimizer_in_backward(RowWiseAdagrad, module.parameters(),
+                                        {"lr": config.sparse_lr})
+            tables += [t.name for t in module.embedding_bag_configs()]
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=env.world_size, local_world_size=env.world_size
+                          if env.device.type == "cpu" else torch.cuda.device_count(),
+                          compute_device=env.device.type),
+        batch_size=batch_size,
+        constraints=planner_constraints(tables, config, env.device),
+        debug=False,
+    )
+    plan = planner.collective_plan(model, get_default_sharders(), dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                  lambda params: torch.optim.Adam(params, lr=config.dense_lr))
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+def copy_full_state(dmp: DistributedModelParallel, full: Dict[str, torch.Tensor]) -> None:
+    """Overwrite the sharded model's parameters with those of an unsharded copy, so that the
+    initial weights do not depend on the number of processes or the sharding plan."""
+    with torch.no_grad():
+        for name, dst in dmp.state_dict().items():
+            key = name[len("module."):] if name.startswith("module.") else name
+            if key not in full:
+                continue
+            src = full[key]
+            if isinstance(dst, ShardedTensor):
+                for shard in dst.local_shards():
+                    region = tuple(slice(o, o + n) for o, n in
+                                   zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+                    shard.tensor.copy_(src[region])
+            elif isinstance(dst, DTensor):
+                local = dst.to_local()
+                offsets = _dtensor_offsets(dst)
+                local.copy_(src[tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))])
+            else:
+                dst.copy_(src.to(dst.device))
+
+
+def _dtensor_offsets(t: DTensor) -> Tuple[int, ...]:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(offsets)
+
+
+def all_equal_batches(count: int, env: DistEnv) -> int:
+    """The largest per-rank batch count: ranks with fewer pad with weight-0 batches."""
+    if env.world_size == 1:
+        return count
+    t = torch.tensor([count], dtype=torch.int64, device=_collective_device(env))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _collective_device(env: DistEnv) -> torch.device:
+    return env.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather_arrays(arrays: Dict[str, "object"], env: DistEnv) -> Optional[List[Dict]]:
+    """All ranks' small result dicts, on rank 0 (None elsewhere)."""
+    if env.world_size == 1:
+        return [arrays]
+    out: Optional[List[Dict]] = [None] * env.world_size if env.is_main else None
+    dist.gather_object(arrays, out, dst=0)
+    return out

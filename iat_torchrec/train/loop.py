@@ -1,0 +1,173 @@
+"""Training and evaluation loops over a sharded model, driven by TorchRec's TrainPipelineSparseDist.
+
+The model follows TorchRec's training convention: ``model(batch) -> (loss, (loss, logits,
+labels))``. Ranks always take the same number of steps (collectives must match): a rank that
+runs out of batches repeats its last one with weight 0 (no effect on the model). Progress is
+printed by rank 0 every ``log_every`` steps; checkpoints are taken every ``checkpoint_every``
+steps and a run resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from iat_torchrec.data.batch import InstanceBatch
+from iat_torchrec.distributed.checkpoint import (latest_checkpoint, load_checkpoint,
+                                                 save_checkpoint)
+from iat_torchrec.distributed.sharding import DistEnv, all_equal_batches, gather_arrays
+from iat_torchrec.train.metrics import ranking_metrics
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Steps, progress and checkpoints of a training run."""
+
+    epochs: int = dataclasses.field(default=1, metadata={"help": "passes over the train log"})
+    batch_size: int = dataclasses.field(default=1024, metadata={"help": "rows per process step"})
+    log_every: int = dataclasses.field(default=100, metadata={"help": "steps between log lines"})
+    checkpoint_dir: str = dataclasses.field(default="", metadata={
+        "help": "where checkpoints go; a run resumes from the latest one there"})
+    checkpoint_every: int = dataclasses.field(default=0, metadata={
+        "help": "steps between checkpoints (0: only at the end of training)"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of initial weights"})
+
+
+def padded(batches: Iterable[InstanceBatch], total: int) -> Iterator[InstanceBatch]:
+    """``batches``, then weight-0 repeats of the last one until ``total`` batches were given."""
+    last = None
+    count = 0
+    for batch in batches:
+        last = batch
+        count += 1
+        yield batch
+    if last is None and total > 0:
+        raise ValueError("this rank has no rows at all; use fewer processes or more data")
+    for _ in range(total - count):
+        yield last.as_padding()
+
+
+class ProgressLog:
+    """Rank 0's periodic log line: step, instances/s, running loss."""
+
+    def __init__(self, env: DistEnv, every: int, what: str) -> None:
+        self.env, self.every, self.what = env, every, what
+        self.start = self.last = time.perf_counter()
+        self.rows = self.rows_since = 0
+        self.losses: List[float] = []
+
+    def step(self, step: int, total: int, rows: int, loss: float) -> None:
+        self.rows += rows
+        self.rows_since += rows
+        self.losses.append(loss)
+        if self.env.is_main and self.every and (step % self.every == 0 or step == total):
+            now = time.perf_counter()
+            rate = self.rows_since * self.env.world_size / max(now - self.last, 1e-9)
+            print(f"[{self.what}] step {step}/{total}  {rate:,.0f} instances/s  "
+                  f"loss {np.mean(self.losses[-self.every:]):.4f}", flush=True)
+            self.last, self.rows_since = now, 0
+
+
+class Trainer:
+    """Epochs of pipelined training with checkpoint and resume.
+
+    Args:
+        model: the DMP-wrapped training model.
+        optimizer: its combined (fused sparse + dense) optimizer.
+        env: the process group.
+        make_reader: epoch -> this rank's reader of the train log for that epoch.
+        config: steps, logging, checkpoints.
+        fingerprint: everything a resume must match (configs, data, world size).
+        rank_state: get/set of per-rank state outside the model (saved in checkpoints).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer, env: DistEnv,
+                 make_reader: Callable[[int], Any], config: TrainConfig,
+                 fingerprint: Dict[str, Any],
+                 rank_state: Optional[tuple] = None) -> None:
+        self.model, self.optimizer, self.env = model, optimizer, env
+        self.make_reader, self.config, self.fingerprint = make_reader, config, fingerprint
+        self.get_rank_state, self.set_rank_state = rank_state or (dict, lambda s: None)
+        self.pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
+
+    def fit(self, after_epoch: Optional[Callable[[int], None]] = None) -> int:
+        """Train all epochs (resuming if a checkpoint exists); returns the global step."""
+        cfg = self.config
+        epoch, skip, step = 0, 0, 0
+        ckpt = latest_checkpoint(Path(cfg.checkpoint_dir)) if cfg.checkpoint_dir else None
+        if ckpt is not None:
+            loaded = load_checkpoint(ckpt, self.model, self.optimizer, self.fingerprint,
+                                     self.env)
+            pos = loaded["position"]
+            epoch, skip, step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
+            self.set_rank_state(loaded["rank_state"])
+            if self.env.is_main:
+                print(f"[train] resumed from {ckpt} (epoch {epoch}, step {step})", flush=True)
+        while epoch < cfg.epochs:
+            reader = self.make_reader(epoch)
+            total = all_equal_batches(len(reader), self.env)
+            batches = itertools.islice(padded(reader, total), skip, None)
+            self.model.train()
+            self.pipeline.attach()
+            progress = ProgressLog(self.env, cfg.log_every, f"train epoch {epoch}")
+            in_epoch = skip
+            while True:
+                try:
+                    loss, _, _ = self.pipeline.progress(batches)
+                except StopIteration:
+                    break
+                in_epoch += 1
+                step += 1
+                progress.step(in_epoch, total, cfg.batch_size, float(loss))
+                if cfg.checkpoint_dir and cfg.checkpoint_every and \
+                        step % cfg.checkpoint_every == 0 and in_epoch < total:
+                    self._save(epoch, in_epoch, step)
+            # Give the model its own forwards back (evaluation and export call it directly).
+            self.pipeline.detach()
+            epoch, skip = epoch + 1, 0
+            if after_epoch is not None:
+                after_epoch(epoch - 1)
+            if cfg.checkpoint_dir:
+                self._save(epoch, 0, step)
+        return step
+
+    def _save(self, epoch: int, in_epoch: int, step: int) -> None:
+        save_checkpoint(Path(self.config.checkpoint_dir), self.model, self.optimizer,
+                        {"epoch": epoch, "step_in_epoch": in_epoch, "global_step": step},
+                        self.fingerprint, self.get_rank_state(), self.env)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, reader: Any, env: DistEnv,
+             label_names: List[str]) -> Optional[Dict[str, Dict[str, float]]]:
+    """AUC, GAUC and logloss per label of ``model`` over ``reader``'s rows of every rank;
+    returned on rank 0 (None elsewhere)."""
+    was_training = model.training
+    model.eval()
+    total = all_equal_batches(len(reader), env)
+    logits, labels, users = [], [], []
+    for batch in padded(reader, total):
+        batch = batch.to(env.device)
+        _, (_, out, y) = model(batch)
+        keep = batch.weight > 0
+        logits.append(out[keep].float().cpu().numpy())
+        labels.append(y[keep].cpu().numpy())
+        users.append(batch.user_id[keep].cpu().numpy())
+    model.train(was_training)
+    mine = {"logits": np.concatenate(logits), "labels": np.concatenate(labels),
+            "users": np.concatenate(users)}
+    parts = gather_arrays(mine, env)
+    if parts is None:
+        return None
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in mine}
+    return {name: ranking_metrics(cat["labels"][:, j], cat["logits"][:, j], cat["users"])
+            for j, name in enumerate(label_names)}
