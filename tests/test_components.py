@@ -12,18 +12,33 @@ from torchx.runner import get_runner
 from torchx.specs import AppState
 
 from conftest import REPO_ROOT
+import pytest
+
 from iat_torchrec.data.prepare import DataConfig
+from iat_torchrec.stages.compress import CompressConfig
 from torchx_components import components
 
 RESOURCE_ARGS = {"image", "cpu", "gpu", "memMB", "h", "j"}
 
 
-def test_component_arguments_are_the_config_fields():
-    params = inspect.signature(components.prepare_data).parameters
-    fields = {f.name: f for f in dataclasses.fields(DataConfig)}
+@pytest.mark.parametrize("component, config", [
+    (components.prepare_data, DataConfig),
+    (components.compress, CompressConfig),
+])
+def test_component_arguments_are_the_config_fields(component, config):
+    params = inspect.signature(component).parameters
+    fields = {f.name: f for f in dataclasses.fields(config)}
     assert set(params) - RESOURCE_ARGS == set(fields)
     for name, field in fields.items():
-        assert params[name].default == field.default, name
+        default = (field.default_factory() if field.default_factory is not dataclasses.MISSING
+                   else field.default)
+        given = params[name].default
+        if given is inspect.Parameter.empty:  # required in the component
+            assert default in ("", None), name
+        elif given is None and isinstance(default, list):
+            continue  # None stands for the dataclass's default list
+        else:
+            assert given == default or getattr(default, "value", None) == given, name
 
 
 def test_prepare_data_component_runs_with_local_cwd(tmp_path, monkeypatch):

@@ -95,6 +95,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Optimizer,
         raise CheckpointMismatchError(
             f"{path}: checkpoint was made by {meta['world_size']} processes, this run has "
             f"{env.world_size}; an exact resume needs the same data partition")
+    # Optimizer state is created lazily on the first step: materialise it (a zero-gradient
+    # step that moves nothing) so that DCP has tensors to load into.
+    optimizer.init_state()
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
     dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])

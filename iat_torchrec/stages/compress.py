@@ -90,7 +90,7 @@ def _reader(path: str, spec: FeatureSpec, cfg: CompressConfig, env: DistEnv,
 def _fingerprint(cfg: CompressConfig, spec: FeatureSpec, env: DistEnv) -> Dict[str, Any]:
     """What a resume must match: everything that shapes training, not where outputs go."""
     keep = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("export_logs", "store", "overwrite", "results", "log_every",
+            if k not in ("export_logs", "store", "overwrite", "results", "log_every", "epochs",
                          "checkpoint_dir", "checkpoint_every", "token_dtype")}
     keys = read_key_columns(log_files(cfg.train_log))
     keep["train_rows"] = int(keys.ts.size)

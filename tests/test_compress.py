@@ -1,0 +1,149 @@
+"""Stage 1a end to end: 1 vs 2 processes, kill and resume, bad inputs, the TorchX component."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+from torchx.runner import get_runner
+from torchx.specs import AppState
+
+from conftest import REPO_ROOT
+from iat_torchrec.data.log import validate_log
+from iat_torchrec.data.prepare import DataConfig, prepare_data
+from iat_torchrec.data.spec import SpecError
+from iat_torchrec.distributed.checkpoint import CheckpointMismatchError
+from iat_torchrec.tokens.store import TokenStore
+from torchx_components import components
+
+SMALL_MODEL = ["--token_dim", "16", "--dense_arch_layers", "16", "8", "--decompress_layers",
+               "32", "16", "--cross_rank", "8", "--sit_heads", "2", "--sit_context", "8",
+               "--log_every", "0", "--token_dtype", "fp32"]
+# Tokens of 1 and of 2 processes agree within this (measured: about 4e-6).
+PROCESS_COUNT_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    prepared = prepare_data(DataConfig(num_users=150, num_items=100, num_instances=4_000,
+                                       num_sparse_fields=8, num_dense_fields=3,
+                                       data_dir=str(tmp_path_factory.mktemp("data"))))
+    return prepared.splits
+
+
+def _env():
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _compress_cmd(splits, store: Path, *extra: str) -> List[str]:
+    return [sys.executable, str(REPO_ROOT / "apps" / "compress.py"),
+            "--train_log", str(splits["train"]), "--valid_log", str(splits["valid"]),
+            "--store", str(store), *SMALL_MODEL, *extra]
+
+
+def _run(cmd: List[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True)
+    return done
+
+
+def _tokens(store: Path):
+    s = TokenStore.open(store)
+    ids = np.sort(s.column("instance_id"))
+    return ids, s.tokens_fp32(s.rows_of(ids))
+
+
+def test_one_and_two_processes_give_the_same_tokens(splits, tmp_path):
+    one = _run(_compress_cmd(splits, tmp_path / "one", "--scheme", "temporal",
+                             "--batch_size", "128"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    # Two processes through the TorchX component (dist.ddp -> torchrun), each half the batch.
+    app = components.compress(train_log=str(splits["train"]), valid_log=str(splits["valid"]),
+                              store=str(tmp_path / "two"), scheme="temporal", batch_size=64,
+                              token_dim=16, dense_arch_layers=[16, 8],
+                              decompress_layers=[32, 16], cross_rank=8, sit_heads=2,
+                              sit_context=8, log_every=0, token_dtype="fp32", j="1x2")
+    os.environ["PATH"] = _env()["PATH"]
+    with get_runner() as runner:
+        handle = runner.run(app, scheduler="local_cwd",
+                            cfg={"log_dir": str(tmp_path / "logs"), "prepend_cwd": True})
+        status = runner.wait(handle, wait_interval=1)
+    assert status.state == AppState.SUCCEEDED, status
+    ids1, t1 = _tokens(tmp_path / "one")
+    ids2, t2 = _tokens(tmp_path / "two")
+    np.testing.assert_array_equal(ids1, ids2)
+    assert ids1.size == sum(validate_log(splits[k]).rows for k in ("train", "valid"))
+    assert np.abs(t1 - t2).max() < PROCESS_COUNT_TOLERANCE
+    meta = TokenStore.open(tmp_path / "two").metadata
+    assert meta["scheme"] == "temporal" and meta["training_window"]["ts_max"] > 0
+
+
+def test_killed_and_resumed_run_ends_with_the_same_tokens(splits, tmp_path):
+    args = ["--scheme", "user", "--batch_size", "64", "--epochs", "3",
+            "--checkpoint_every", "3"]
+    whole = _run(_compress_cmd(splits, tmp_path / "whole", *args,
+                               "--checkpoint_dir", str(tmp_path / "ck_whole")))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cmd = _compress_cmd(splits, tmp_path / "resumed", *args,
+                        "--checkpoint_dir", str(tmp_path / "ck"))
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "ck" / "latest").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "resumed").exists()
+    again = _run(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+    ids_a, a = _tokens(tmp_path / "whole")
+    ids_b, b = _tokens(tmp_path / "resumed")
+    np.testing.assert_array_equal(ids_a, ids_b)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_resume_from_another_configuration_is_refused(splits, tmp_path):
+    base = ["--scheme", "temporal", "--batch_size", "256", "--checkpoint_dir",
+            str(tmp_path / "ck")]
+    assert _run(_compress_cmd(splits, tmp_path / "a", *base)).returncode == 0
+    cmd = _compress_cmd(splits, tmp_path / "b", *base)
+    cmd[cmd.index("--token_dim") + 1] = "32"
+    done = _run(cmd)
+    assert done.returncode != 0
+    assert CheckpointMismatchError.__name__ in done.stderr and "token_dim" in done.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_bad_inputs_are_refused_before_any_work(splits, tmp_path):
+    from iat_torchrec.config import parse_config
+    from iat_torchrec.data.atomic import OutputExistsError
+    from iat_torchrec.stages.compress import CompressConfig, run_compress
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "keep.txt").write_text("mine")
+    cfg = parse_config(CompressConfig, ["--train_log", str(splits["train"]), "--store",
+                                        str(store)])
+    with pytest.raises(OutputExistsError, match="already exists"):
+        run_compress(cfg)
+    assert [p.name for p in store.iterdir()] == ["keep.txt"]
+    from conftest import tiny_columns, tiny_spec
+    import pyarrow as pa
+    from iat_torchrec.data.log import write_log
+    other = write_log(pa.table(tiny_columns(n=50)), tmp_path / "other", tiny_spec())
+    cfg = parse_config(CompressConfig, ["--train_log", str(splits["train"]), "--store",
+                                        str(tmp_path / "new"), "--export_logs", str(other)])
+    with pytest.raises(SpecError, match="does not match the model's"):
+        run_compress(cfg)
+    assert not (tmp_path / "new").exists()

@@ -1,0 +1,108 @@
+"""The IAT source model as modules: tower, bottleneck, SIT causality, streaming context."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow as pa
+import pytest
+import torch
+
+from conftest import tiny_columns, tiny_spec
+from iat_torchrec.data.log import write_log
+from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder
+from iat_torchrec.models.source import (Scheme, SourceInstanceTransformer, SourceModelConfig,
+                                        SourceModelTrain, UserContextCache)
+
+CONFIG = SourceModelConfig(token_dim=16, dense_arch_layers=[16, 8], decompress_layers=[32, 16],
+                           cross_rank=8, sit_heads=2, sit_context=8)
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    path = write_log(pa.table(tiny_columns(n=300, users=5)),
+                     tmp_path_factory.mktemp("log") / "log", tiny_spec())
+    reader = InstanceLogReader(path, config=ReaderConfig(batch_size=64, order=ReadOrder.USER))
+    return next(iter(reader))
+
+
+def test_tokens_are_the_bottleneck_in_unit_interval(batch):
+    torch.manual_seed(0)
+    model = SourceModelTrain(tiny_spec(), CONFIG, Scheme.TEMPORAL)
+    z = model.tokens(batch.sparse_features, batch.dense_features)
+    assert z.shape == (64, 16) and bool(((z > 0) & (z < 1)).all())
+    loss, (_, logits, labels) = model(batch)
+    assert logits.shape == labels.shape == (64, 2) and loss.requires_grad
+    loss.backward()
+    assert model.objective.tower.bottleneck.weight.grad.abs().sum() > 0
+
+
+def test_without_bottleneck_the_tower_passes_h(batch):
+    model = SourceModelTrain(tiny_spec(), dataclasses.replace(CONFIG, bottleneck=False),
+                             Scheme.TEMPORAL)
+    h = model.tokens(batch.sparse_features, batch.dense_features)
+    assert h.shape == (64, model.objective.tower.wide_dim) and model.objective.tower.bottleneck \
+        is None
+
+
+def test_sit_is_causal():
+    torch.manual_seed(0)
+    sit = SourceInstanceTransformer(16, 2, 2, context=4).eval()
+    x = torch.randn(3, 10, 16)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    out = sit(x, pad)
+    changed = x.clone()
+    changed[:, 6:] = torch.randn(3, 4, 16)
+    assert torch.allclose(sit(changed, pad)[:, :6], out[:, :6], atol=1e-6)
+    assert not torch.allclose(sit(changed, pad)[:, 6:], out[:, 6:])
+
+
+def _objective():
+    torch.manual_seed(0)
+    return SourceModelTrain(tiny_spec(), CONFIG, Scheme.USER).objective.eval()
+
+
+def test_streaming_context_equals_one_long_batch():
+    """A user's history split over two batches, with the stop-gradient context, gives the same
+    SIT outputs as the whole history in one batch (while it fits the context)."""
+    z = torch.rand(7, 16)
+    users = torch.tensor([4, 4, 4, 4, 4, 4, 4])
+    ones = torch.ones(7)
+    whole = _objective()
+    out_whole = whole._sit_outputs(z, users, ones)
+    split = _objective()
+    first = split._sit_outputs(z[:4], users[:4], ones[:4])
+    second = split._sit_outputs(z[4:], users[4:], ones[4:])
+    assert torch.allclose(torch.cat([first, second]), out_whole, atol=1e-5)
+    assert split.cache.tokens[4].shape == (7, 16)
+
+
+def test_other_users_do_not_leak_into_a_users_outputs():
+    obj = _objective()
+    z = torch.rand(6, 16)
+    users = torch.tensor([1, 1, 1, 2, 2, 2])
+    out = obj._sit_outputs(z, users, torch.ones(6))
+    other = z.clone()
+    other[3:] = torch.rand(3, 16)
+    obj.cache.tokens.clear()
+    assert torch.allclose(obj._sit_outputs(other, users, torch.ones(6))[:3], out[:3], atol=1e-6)
+
+
+def test_padding_batches_leave_no_trace(batch):
+    torch.manual_seed(0)
+    model = SourceModelTrain(tiny_spec(), CONFIG, Scheme.USER)
+    loss, _ = model(batch.as_padding())
+    assert float(loss.detach()) == 0.0 and model.objective.cache.tokens == {}
+    model(batch)
+    assert set(model.objective.cache.tokens) == set(batch.user_id.tolist())
+
+
+def test_context_cache_keeps_the_last_tokens():
+    cache = UserContextCache(3)
+    cache.update([7], [torch.arange(10.0).reshape(5, 2)])
+    ctx, lengths = cache.context([7, 8], 2, torch.device("cpu"))
+    assert lengths.tolist() == [3, 0]
+    assert ctx[0].tolist() == [[4.0, 5.0], [6.0, 7.0], [8.0, 9.0]]
+    restored = UserContextCache(0)
+    restored.load_state_dict(cache.state_dict())
+    assert restored.size == 3 and torch.equal(restored.tokens[7], cache.tokens[7])
