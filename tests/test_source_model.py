@@ -77,6 +77,21 @@ def test_streaming_context_equals_one_long_batch():
     assert split.cache.tokens[4].shape == (7, 16)
 
 
+def test_streaming_is_exact_for_any_split_with_a_short_window():
+    cfg = dataclasses.replace(CONFIG, sit_context=2)
+    z = torch.rand(9, 16, generator=torch.Generator().manual_seed(1))
+    users, ones = torch.full((9,), 3), torch.ones(9)
+    torch.manual_seed(0)
+    whole = SourceModelTrain(tiny_spec(), cfg, Scheme.USER).objective.eval()
+    expected = whole._sit_outputs(z, users, ones)
+    for cut in (1, 4, 8):
+        torch.manual_seed(0)
+        split = SourceModelTrain(tiny_spec(), cfg, Scheme.USER).objective.eval()
+        got = torch.cat([split._sit_outputs(z[:cut], users[:cut], ones[:cut]),
+                         split._sit_outputs(z[cut:], users[cut:], ones[cut:])])
+        assert torch.allclose(got, expected, atol=1e-5), cut
+
+
 def test_other_users_do_not_leak_into_a_users_outputs():
     obj = _objective()
     z = torch.rand(6, 16)

@@ -107,8 +107,11 @@ class InstanceTower(nn.Module):
 
 
 class SourceInstanceTransformer(nn.Module):
-    """Causal Transformer over a user's token sequence (pre-LayerNorm; sinusoidal positions
-    counted from the first real token of each row, so any length works)."""
+    """Causal Transformer over a user's token sequence (pre-LayerNorm). Each token attends to
+    itself and the user's previous ``context`` tokens, with a linear recency bias on the
+    attention scores (ALiBi-style, slope ``1 / context``) in place of absolute positions: an
+    output depends only on the tokens it sees and how far back they are, so it does not change
+    with where batch boundaries fall, given the streamed context."""
 
     def __init__(self, dim: int, layers: int, heads: int, context: int,
                  device: Optional[torch.device] = None) -> None:
@@ -117,18 +120,17 @@ class SourceInstanceTransformer(nn.Module):
                                            batch_first=True, norm_first=True, device=device)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.context = context
-        self.register_buffer("frequencies", torch.exp(
-            -torch.arange(0, dim, 2, dtype=torch.float32, device=device) * (9.21 / dim)),
-            persistent=False)
+        self.num_layers = layers
 
     def forward(self, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         """tokens [U, S, d], padding [U, S] (True = no token) -> outputs [U, S, d]."""
         s = tokens.shape[1]
-        causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu(1)
-        pos = ((~padding).cumsum(1) - 1).clamp_min(0).to(tokens.dtype)
-        angles = pos.unsqueeze(-1) * self.frequencies
-        enc = torch.stack([angles.sin(), angles.cos()], -1).flatten(-2)[..., :tokens.shape[-1]]
-        return self.encoder(tokens + enc, mask=causal, src_key_padding_mask=padding)
+        i = torch.arange(s, device=tokens.device)
+        gap = (i.unsqueeze(1) - i.unsqueeze(0)).to(tokens.dtype)
+        allowed = (gap >= 0) & (gap <= self.context)
+        bias = torch.where(allowed, -gap / max(self.context, 1), float("-inf"))
+        empty = torch.zeros_like(padding, dtype=tokens.dtype).masked_fill(padding, float("-inf"))
+        return self.encoder(tokens, mask=bias, src_key_padding_mask=empty)
 
 
 class UserContextCache:
@@ -186,7 +188,8 @@ class SourceObjective(nn.Module):
         self.tower = tower
         self.scheme = scheme
         self.sit = sit
-        self.cache = UserContextCache(sit.context if sit is not None else 0)
+        # A window of w tokens over n layers reaches n * w tokens back: keep that many.
+        self.cache = UserContextCache(sit.context * sit.num_layers if sit is not None else 0)
         if scheme == Scheme.USER and sit is None:
             raise ValueError("the user-order scheme needs a Source Instance Transformer")
 
