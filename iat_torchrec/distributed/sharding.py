@@ -174,13 +174,22 @@ def _dtensor_offsets(t: DTensor) -> Tuple[int, ...]:
     return tuple(offsets)
 
 
+def _reduce(value: int, env: DistEnv, op: dist.ReduceOp) -> int:
+    if env.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device(env))
+    dist.all_reduce(t, op=op)
+    return int(t.item())
+
+
 def all_equal_batches(count: int, env: DistEnv) -> int:
     """The largest per-rank batch count: ranks with fewer pad with weight-0 batches."""
-    if env.world_size == 1:
-        return count
-    t = torch.tensor([count], dtype=torch.int64, device=_collective_device(env))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return _reduce(count, env, dist.ReduceOp.MAX)
+
+
+def sum_over_ranks(value: int, env: DistEnv) -> int:
+    """The sum of an integer over all ranks."""
+    return _reduce(value, env, dist.ReduceOp.SUM)
 
 
 def _collective_device(env: DistEnv) -> torch.device:

@@ -218,6 +218,13 @@ def _perplexity(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(entropy)
 
 
+def _weighted_mean(values: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of per-sample values [B], weighted when ``weight`` [B] is given."""
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -305,8 +312,11 @@ class ResidualVectorQuantizer(nn.Module):
         return out.view(*codes.shape[:-1], self.dim)
 
     # ------------------------------------------------------------------ training
-    def forward(self, z: torch.Tensor) -> RVQOutput:
-        """Quantise z [B, T, d]; in training mode also update the codebooks (EMA, restarts)."""
+    def forward(self, z: torch.Tensor, weight: Optional[torch.Tensor] = None) -> RVQOutput:
+        """Quantise z [B, T, d]; in training mode also update the codebooks (EMA, restarts).
+
+        ``weight`` [B] weighs each sample in the losses and the codebook statistics (0: the
+        sample takes part in collectives but changes nothing)."""
         if z.dim() != 3 or z.shape[1:] != (self.num_slots, self.dim):
             raise ValueError(f"expected [B, {self.num_slots}, {self.dim}], got {tuple(z.shape)}")
         init = self.training and not self._is_initialized()
@@ -318,7 +328,7 @@ class ResidualVectorQuantizer(nn.Module):
             if init:
                 self._init_level(m, r)
             c, q = self._nearest(r, m)
-            commit.append(F.mse_loss(residual, q))
+            commit.append(_weighted_mean((residual - q).pow(2).mean(dim=(1, 2)), weight))
             if self.entropy_weight > 0:
                 entropy.append(self._entropy(residual, m))
             codes.append(c)
@@ -327,11 +337,11 @@ class ResidualVectorQuantizer(nn.Module):
             total = total + q
         codes_t = torch.stack(codes, dim=-1)  # [B, T, M]
         with torch.no_grad():
-            counts = self._count(codes_t)
-            self.code_counts += counts.long()
+            counts = self._count(codes_t, weight)
+            self.code_counts += counts.round().long()
             perplexity = _perplexity(counts).mean(0)
             if self.training:
-                self._ema_update(torch.stack(residuals, dim=2), codes_t, counts)
+                self._ema_update(torch.stack(residuals, dim=2), codes_t, counts, weight)
         commitment_loss = torch.stack(commit).mean()
         entropy_loss = torch.stack(entropy).mean() if entropy else z.new_zeros(())
         loss = self.commitment * commitment_loss + self.entropy_weight * entropy_loss
@@ -352,11 +362,12 @@ class ResidualVectorQuantizer(nn.Module):
         marginal = -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum(-1).mean()
         return per_sample - marginal
 
-    def _count(self, codes: torch.Tensor) -> torch.Tensor:
-        """Assignments per code in this batch, [T, M, V] float."""
+    def _count(self, codes: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(Weighted) assignments per code in this batch, [T, M, V] float."""
         n = self.num_slots * self.levels * self.codebook_size
         flat = (codes + self._offsets).reshape(-1)
-        return torch.bincount(flat, minlength=n).view(
+        w = None if weight is None else weight.view(-1, 1, 1).expand_as(codes).reshape(-1)
+        return torch.bincount(flat, weights=w, minlength=n).view(
             self.num_slots, self.levels, self.codebook_size).float()
 
     def _is_initialized(self) -> bool:
@@ -386,7 +397,7 @@ class ResidualVectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, residuals: torch.Tensor, codes: torch.Tensor,
-                    counts: torch.Tensor) -> None:
+                    counts: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
         """EMA of counts and residual sums per code, then restart the dead codes.
 
         residuals [B, T, M, d] (what each level quantised), codes [B, T, M], counts [T, M, V].
@@ -394,7 +405,8 @@ class ResidualVectorQuantizer(nn.Module):
         t, m, v, d = self.codebooks.shape
         flat = (codes + self._offsets).reshape(-1)
         sums = torch.zeros(t * m * v, d, dtype=residuals.dtype, device=residuals.device)
-        sums.index_add_(0, flat, residuals.reshape(-1, d))
+        weighted = residuals if weight is None else residuals * weight.view(-1, 1, 1, 1)
+        sums.index_add_(0, flat, weighted.reshape(-1, d))
         sums = sums.view(t, m, v, d)
         if _distributed():
             stats = torch.cat([counts.reshape(-1), sums.reshape(-1)])
@@ -576,6 +588,11 @@ class SampleTokenizer(nn.Module):
                   sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """The continuous sub-tokens z [B, T, d0] of a batch."""
         pooled = self.embedding_bag_collection(sparse_features) if self.spec.sparse else None
+        return self.subtokens_from_pooled(dense_features, pooled)
+
+    def subtokens_from_pooled(self, dense_features: torch.Tensor,
+                              pooled: Optional[KeyedTensor]) -> torch.Tensor:
+        """Sub-tokens z [B, T, d0] from already pooled sparse embeddings."""
         return self.project(self.group_fields(self.field_embeddings(dense_features, pooled)))
 
     # ------------------------------------------------------------------ forward / loss / export
@@ -583,16 +600,24 @@ class SampleTokenizer(nn.Module):
                 sparse_features: KeyedJaggedTensor) -> HGAQOutput:
         """Sub-tokens, their codes and the aux head's logits; in training mode the codebooks
         learn (EMA, restarts)."""
-        z = self.subtokens(dense_features, sparse_features)
-        vq = self.quantizer(z)
+        pooled = self.embedding_bag_collection(sparse_features) if self.spec.sparse else None
+        return self.forward_pooled(dense_features, pooled)
+
+    def forward_pooled(self, dense_features: torch.Tensor, pooled: Optional[KeyedTensor],
+                       weight: Optional[torch.Tensor] = None) -> HGAQOutput:
+        """:meth:`forward` from pooled embeddings; ``weight`` [B] as in the quantizer."""
+        z = self.subtokens_from_pooled(dense_features, pooled)
+        vq = self.quantizer(z, weight)
         logits = self.aux_head(vq.quantized.flatten(1))
         return HGAQOutput(z=z, quantized=vq.quantized, codes=vq.codes, logits=logits, vq=vq)
 
-    def loss(self, output: HGAQOutput,
-             labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def loss(self, output: HGAQOutput, labels: torch.Tensor,
+             weight: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """BCE of the aux head (all labels) + VQ loss, and the parts (detached)."""
         labels = labels.view_as(output.logits).to(output.logits.dtype)
-        bce = F.binary_cross_entropy_with_logits(output.logits, labels)
+        bce = _weighted_mean(F.binary_cross_entropy_with_logits(
+            output.logits, labels, reduction="none").mean(1), weight)
         total = bce + output.vq.loss
         return total, {"bce": bce.detach(), "commitment": output.vq.commitment_loss.detach(),
                        "entropy": output.vq.entropy_loss.detach()}
@@ -609,19 +634,40 @@ class SampleTokenizer(nn.Module):
         return self.quantizer.decode(codes)
 
 
+class _TokenizerObjective(nn.Module):
+    """Everything after the embedding lookup, as one module without the sharded tables, so
+    TorchRec's pipeline tracer treats it as a leaf. It reaches the tokenizer's parameters
+    through a plain (unregistered) reference: they are owned by :class:`SampleTokenizerTrain`."""
+
+    def __init__(self, tokenizer: SampleTokenizer) -> None:
+        super().__init__()
+        object.__setattr__(self, "tokenizer", tokenizer)
+
+    def forward(self, dense: torch.Tensor, pooled: Optional[KeyedTensor], labels: torch.Tensor,
+                weight: Optional[torch.Tensor]
+                ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        out = self.tokenizer.forward_pooled(dense, pooled, weight)
+        loss, _ = self.tokenizer.loss(out, labels, weight)
+        return loss, (loss.detach(), out.logits.detach(), labels.detach())
+
+
 class SampleTokenizerTrain(nn.Module):
     """Wraps :class:`SampleTokenizer` for TorchRec's train pipelines, like ``DLRMTrain``:
-    ``forward(batch) -> (loss, (loss, logits, labels))`` (detached outputs)."""
+    ``forward(batch) -> (loss, (loss, logits, labels))`` (detached outputs). The tables are
+    called on ``batch.sparse_features`` directly so ``TrainPipelineSparseDist`` can pipeline
+    them; a ``batch.weight`` (if the batch has one) weighs rows, 0 for padding rows."""
 
     def __init__(self, tokenizer: SampleTokenizer) -> None:
         super().__init__()
         self.model = tokenizer
+        self.objective = _TokenizerObjective(tokenizer)
 
     def forward(self, batch: Batch
                 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        out = self.model(batch.dense_features, batch.sparse_features)
-        loss, _ = self.model.loss(out, batch.labels)
-        return loss, (loss.detach(), out.logits.detach(), batch.labels.detach())
+        pooled = (self.model.embedding_bag_collection(batch.sparse_features)
+                  if self.model.spec.sparse else None)
+        return self.objective(batch.dense_features, pooled, batch.labels,
+                              getattr(batch, "weight", None))
 
 
 __all__: Sequence[str] = (

@@ -10,26 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
-from iat_torchrec.data.atomic import OutputExistsError, atomic_output
-from iat_torchrec.data.log import log_files, read_key_columns
-from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder
-from iat_torchrec.data.spec import FeatureSpec, SpecError
-from iat_torchrec.distributed.sharding import (DistEnv, ShardingConfig, all_equal_batches,
-                                               copy_full_state, init_process_group,
-                                               shard_model)
+from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.data.reader import InstanceLogReader, ReadOrder
+from iat_torchrec.data.spec import FeatureSpec
+from iat_torchrec.distributed.sharding import (DistEnv, ShardingConfig, init_process_group,
+                                               sum_over_ranks)
 from iat_torchrec.models.source import Scheme, SourceModelConfig, SourceModelTrain
-from iat_torchrec.tokens.store import TokenStore
-from iat_torchrec.train.loop import TrainConfig, Trainer, evaluate, padded
+from iat_torchrec.stages.common import (build_sharded, check_inputs, export_rows,
+                                        resume_fingerprint, stage_log, stage_reader,
+                                        training_window, write_token_store)
+from iat_torchrec.train.loop import TrainConfig, Trainer, evaluate
 
 
 @dataclasses.dataclass
@@ -57,10 +53,6 @@ class CompressConfig(SourceModelConfig, TrainConfig, ShardingConfig):
         "help": "JSON file for the run's metrics and timings (optional)"})
 
     def check(self) -> None:
-        if not self.train_log:
-            raise ValueError("--train_log is required")
-        if not self.store:
-            raise ValueError("--store is required")
         if self.two_pass and self.scheme != Scheme.USER:
             raise ValueError("--two_pass applies to the user scheme only")
         if not self.bottleneck and self.scheme == Scheme.USER:
@@ -68,116 +60,35 @@ class CompressConfig(SourceModelConfig, TrainConfig, ShardingConfig):
                              "scheme only: the SIT reads bottleneck tokens")
 
 
-def _log(env: DistEnv, msg: str) -> None:
-    if env.is_main:
-        print(f"[compress] {msg}", flush=True)
-
-
-def _check_spec(path: str, spec: FeatureSpec) -> None:
-    other = FeatureSpec.load(path)
-    if other != spec:
-        raise SpecError(f"{path}: its feature spec does not match the model's (trained on a log "
-                        "with a different spec); compress logs of the same feature spec")
-
-
-def _reader(path: str, spec: FeatureSpec, cfg: CompressConfig, env: DistEnv,
-            order: ReadOrder, reverse: bool = False) -> InstanceLogReader:
-    return InstanceLogReader(path, spec, ReaderConfig(batch_size=cfg.batch_size, order=order,
-                                                      seed=cfg.seed, reverse=reverse),
-                             rank=env.rank, world_size=env.world_size)
-
-
-def _fingerprint(cfg: CompressConfig, spec: FeatureSpec, env: DistEnv) -> Dict[str, Any]:
-    """What a resume must match: everything that shapes training, not where outputs go."""
-    keep = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("export_logs", "store", "overwrite", "results", "log_every", "epochs",
-                         "checkpoint_dir", "checkpoint_every", "token_dtype")}
-    keys = read_key_columns(log_files(cfg.train_log))
-    keep["train_rows"] = int(keys.ts.size)
-    keep["train_ids_digest"] = int(np.bitwise_xor.reduce(keys.instance_id * 2654435761))
-    keep["spec"] = spec.to_dict()
-    keep["world_size"] = env.world_size
-    return keep
+STAGE = "compress"
+# Config fields that do not shape training: a resume may change them.
+NOT_IN_FINGERPRINT = ("export_logs", "store", "overwrite", "results", "log_every", "epochs",
+                      "checkpoint_dir", "checkpoint_every", "token_dtype")
 
 
 def build_source_model(spec: FeatureSpec, cfg: CompressConfig, env: DistEnv):
-    """The sharded source model and its optimizer, with initial weights that depend only on
-    the seed (not on the number of processes or the sharding plan)."""
-    torch.manual_seed(cfg.seed)
-    full = SourceModelTrain(spec, cfg, cfg.scheme).state_dict()
-    torch.manual_seed(cfg.seed)
-    model = SourceModelTrain(spec, cfg, cfg.scheme, device=env.device,
-                             table_device=torch.device("meta"))
-    dmp, optimizer = shard_model(model, env, cfg, cfg.batch_size)
-    copy_full_state(dmp, full)
-    return dmp, optimizer
+    """The sharded source model and its optimizer (seed-determined initial weights)."""
+    return build_sharded(
+        lambda tables: SourceModelTrain(spec, cfg, cfg.scheme,
+                                        device=env.device if tables is not None else None,
+                                        table_device=tables),
+        cfg.seed, env, cfg, cfg.batch_size)
 
 
-@torch.no_grad()
 def compress_log(model, path: str, spec: FeatureSpec, cfg: CompressConfig,
                  env: DistEnv) -> Dict[str, np.ndarray]:
     """This rank's share of ``path``: key columns, first label and tokens z (fp32)."""
-    model.eval()
     source: SourceModelTrain = model.module
-    reader = _reader(path, spec, cfg, env, ReadOrder.TEMPORAL)
-    total = all_equal_batches(len(reader), env)
-    out: Dict[str, List[np.ndarray]] = {k: [] for k in
-                                        ("instance_id", "user_id", "ts", "label", "tokens")}
-    for batch in padded(reader, total):
-        batch = batch.to(env.device)
-        z = source.tokens(batch.sparse_features, batch.dense_features)
-        keep = (batch.weight > 0).cpu().numpy()
-        out["tokens"].append(z.float().cpu().numpy()[keep])
-        out["label"].append(batch.labels[:, 0].cpu().numpy()[keep])
-        for k in ("instance_id", "user_id", "ts"):
-            out[k].append(getattr(batch, k).cpu().numpy()[keep])
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def write_tokens(cfg: CompressConfig, parts: Dict[str, Dict[str, np.ndarray]],
-                 metadata: Dict[str, Any], env: DistEnv) -> None:
-    """Each rank writes its tokens as a part store; rank 0 merges the parts into ``cfg.store``
-    (atomically: the store appears whole or not at all)."""
-    store = Path(cfg.store)
-    box = [f".{store.name}.parts-{uuid.uuid4().hex[:8]}"]
-    if env.world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    part_root = store.parent / box[0]
-    part = part_root / f"rank{env.rank:05d}"
-    dim = next(iter(parts.values()))["tokens"].shape[1]
-    try:
-        with TokenStore.create(part, kind="iat", token_shape=(dim,), dtype=cfg.token_dtype,
-                               metadata=metadata) as writer:
-            for p in parts.values():
-                writer.append(p["instance_id"], p["user_id"], p["ts"], p["label"], p["tokens"])
-        _barrier(env)
-        if env.is_main:
-            merged = TokenStore.merge(sorted(part_root.iterdir()), store,
-                                      overwrite=cfg.overwrite)
-            _log(env, f"wrote {merged.num_rows:,} tokens ({cfg.token_dtype}, d={dim}) to {store}")
-        _barrier(env)
-    finally:
-        if env.is_main:
-            shutil.rmtree(part_root, ignore_errors=True)
-
-
-def _barrier(env: DistEnv) -> None:
-    if env.world_size > 1:
-        dist.barrier()
+    return export_rows(model, lambda b: source.tokens(b.sparse_features, b.dense_features)
+                       .float(), path, spec, cfg.batch_size, env)
 
 
 def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
     """Train, validate, export; returns the results on rank 0."""
     cfg.check()
+    spec, exports = check_inputs(cfg.train_log, cfg.valid_log, cfg.export_logs, cfg.store,
+                                 cfg.overwrite)
     env = init_process_group(cfg.device)
-    spec = FeatureSpec.load(cfg.train_log)
-    exports = cfg.export_logs or [p for p in (cfg.train_log, cfg.valid_log) if p]
-    for path in [cfg.valid_log, *exports]:
-        if path:
-            _check_spec(path, spec)
-    if Path(cfg.store).exists() and not cfg.overwrite:
-        raise OutputExistsError(f"{cfg.store}: token store already exists (pass --overwrite "
-                                "to replace it); nothing was trained or written")
     started = time.perf_counter()
     model, optimizer = build_source_model(spec, cfg, env)
     source: SourceModelTrain = model.module
@@ -185,9 +96,9 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
 
     def make_reader(epoch: int) -> InstanceLogReader:
         if cfg.scheme == Scheme.USER:
-            return _reader(cfg.train_log, spec, cfg, env, ReadOrder.USER,
-                           reverse=cfg.two_pass and epoch % 2 == 1)
-        return _reader(cfg.train_log, spec, cfg, env, ReadOrder.TEMPORAL)
+            return stage_reader(cfg.train_log, spec, cfg.batch_size, env, ReadOrder.USER,
+                                reverse=cfg.two_pass and epoch % 2 == 1)
+        return stage_reader(cfg.train_log, spec, cfg.batch_size, env, ReadOrder.TEMPORAL)
 
     history: List[Dict[str, Any]] = []
 
@@ -196,16 +107,17 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
             return
         saved = dict(cache.tokens)  # validation must not leak into the training context
         order = ReadOrder.USER if cfg.scheme == Scheme.USER else ReadOrder.TEMPORAL
-        metrics = evaluate(model, _reader(cfg.valid_log, spec, cfg, env, order), env,
-                           list(spec.labels))
+        metrics = evaluate(model, stage_reader(cfg.valid_log, spec, cfg.batch_size, env, order),
+                           env, list(spec.labels))
         cache.tokens = saved
         if metrics is not None:
             history.append({"epoch": epoch, **metrics})
-            _log(env, f"epoch {epoch} valid " + "  ".join(
+            stage_log(env, STAGE, f"epoch {epoch} valid " + "  ".join(
                 f"{label}: auc {m['auc']:.4f} gauc {m['gauc']:.4f} logloss {m['logloss']:.4f}"
                 for label, m in metrics.items()))
 
-    trainer = Trainer(model, optimizer, env, make_reader, cfg, _fingerprint(cfg, spec, env),
+    trainer = Trainer(model, optimizer, env, make_reader, cfg,
+                      resume_fingerprint(cfg, spec, cfg.train_log, env, NOT_IN_FINGERPRINT),
                       rank_state=(lambda: {"cache": cache.state_dict()},
                                   lambda s: cache.load_state_dict(s["cache"])))
     train_start = time.perf_counter()
@@ -214,25 +126,25 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
 
     export_start = time.perf_counter()
     parts = {path: compress_log(model, path, spec, cfg, env) for path in exports}
-    export_rows = sum(len(p["instance_id"]) for p in parts.values())
+    exported = sum_over_ranks(sum(len(p["instance_id"]) for p in parts.values()), env)
     export_seconds = time.perf_counter() - export_start
-    train_keys = read_key_columns(log_files(cfg.train_log))
     metadata = {
         "scheme": cfg.scheme.value, "bottleneck": cfg.bottleneck,
         "model_config": {f.name: getattr(cfg, f.name)
                          for f in dataclasses.fields(SourceModelConfig)},
-        "training_window": {"log": str(Path(cfg.train_log).resolve()),
-                            "ts_min": int(train_keys.ts.min()),
-                            "ts_max": int(train_keys.ts.max())},
+        "training_window": training_window(cfg.train_log),
         "exported_logs": [str(Path(p).resolve()) for p in exports],
         "label_delay_s": spec.label_delay_s, "seed": cfg.seed, "two_pass": cfg.two_pass,
     }
-    write_tokens(cfg, parts, metadata, env)
+    dim = next(iter(parts.values()))["tokens"].shape[1]
+    write_token_store(cfg.store, list(parts.values()), kind="iat", token_shape=(dim,),
+                      dtype=cfg.token_dtype, metadata=metadata, overwrite=cfg.overwrite,
+                      env=env, stage=STAGE)
     results = {
         "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
         "world_size": env.world_size, "steps": steps, "validation": history,
         "train_seconds": train_seconds, "export_seconds": export_seconds,
-        "export_instances": export_rows * env.world_size,
+        "export_instances": exported,
         "total_seconds": time.perf_counter() - started,
     }
     if env.is_main and cfg.results:
