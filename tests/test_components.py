@@ -16,6 +16,7 @@ import pytest
 
 from iat_torchrec.data.prepare import DataConfig
 from iat_torchrec.stages.compress import CompressConfig
+from iat_torchrec.stages.tokenize import TokenizeConfig
 from torchx_components import components
 
 RESOURCE_ARGS = {"image", "cpu", "gpu", "memMB", "h", "j"}
@@ -24,6 +25,7 @@ RESOURCE_ARGS = {"image", "cpu", "gpu", "memMB", "h", "j"}
 @pytest.mark.parametrize("component, config", [
     (components.prepare_data, DataConfig),
     (components.compress, CompressConfig),
+    (components.tokenize, TokenizeConfig),
 ])
 def test_component_arguments_are_the_config_fields(component, config):
     params = inspect.signature(component).parameters

@@ -20,7 +20,9 @@ from torchx.components.utils import python
 from iat_torchrec.config import config_to_args
 from iat_torchrec.data.prepare import DataConfig
 from iat_torchrec.models.source import Scheme, SourceModelConfig
+from iat_torchrec.models.hgaq import HGAQConfig
 from iat_torchrec.stages.compress import CompressConfig
+from iat_torchrec.stages.tokenize import TokenizeConfig
 
 
 def prepare_data(
@@ -203,3 +205,94 @@ def assemble(
                             verify_store=verify_store, overwrite=overwrite, **extra)
     return ddp(*config_to_args(config), script="apps/assemble.py", image=image,
                name="iat-assemble", j=j, cpu=cpu, memMB=memMB)
+
+
+def tokenize(
+    train_log: str,
+    store: str,
+    valid_log: str = "",
+    export_logs: Optional[List[str]] = None,
+    overwrite: bool = False,
+    results: str = "",
+    fields_per_subtoken: int = 32,
+    field_dim: int = 8,
+    d0: int = 16,
+    levels: int = 3,
+    codebook_size: int = 256,
+    commitment: float = 0.25,
+    ema_decay: float = 0.99,
+    ema_epsilon: float = 1e-5,
+    dead_code_threshold: float = 0.03,
+    entropy_weight: float = 0.0,
+    entropy_temperature: float = 1.0,
+    aux_layers: Optional[List[int]] = None,
+    epochs: int = 1,
+    batch_size: int = 1024,
+    log_every: int = 100,
+    checkpoint_dir: str = "",
+    checkpoint_every: int = 0,
+    seed: int = 0,
+    device: str = "cpu",
+    sharding_types: Optional[List[str]] = None,
+    uvm_caching: bool = False,
+    sparse_lr: float = 0.05,
+    dense_lr: float = 1e-3,
+    image: str = torchx.IMAGE,
+    j: str = "1x2",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+) -> specs.AppDef:
+    """Train the HGAQ sample tokenizer on N processes, export its codes (apps/tokenize_samples.py).
+
+    Args:
+        train_log: instance log of the training window (required)
+        store: token store directory to write (must not exist unless --overwrite)
+        valid_log: later instance log for validation after each epoch (optional)
+        export_logs: logs whose instances are tokenized into the store (default: train + valid)
+        overwrite: replace an existing token store
+        results: JSON file for the run's metrics, code usage and timings (optional)
+        fields_per_subtoken: B: at most this many fields per sub-token
+        field_dim: field embedding size
+        d0: sub-token / codeword size
+        levels: M: residual VQ levels
+        codebook_size: V: codes per level (at most 256: codes are stored as uint8)
+        commitment: commitment weight
+        ema_decay: codebook EMA decay
+        ema_epsilon: Laplace smoothing of the EMA counts
+        dead_code_threshold: restart a code whose EMA count falls below this share (0: off)
+        entropy_weight: weight of the code-usage entropy term (0: off)
+        entropy_temperature: temperature of the soft assignment of the entropy term
+        aux_layers: hidden sizes of the aux CTR head
+        epochs: passes over the train log
+        batch_size: rows per process step
+        log_every: steps between log lines
+        checkpoint_dir: where checkpoints go; a run resumes from the latest one there
+        checkpoint_every: steps between checkpoints (0: only at the end of training)
+        seed: seed of initial weights and of the shuffled order
+        device: cpu or cuda
+        sharding_types: sharding types the planner may use (empty: those that keep rows whole)
+        uvm_caching: CUDA: keep tables in host memory with an HBM cache
+        sparse_lr: learning rate of the fused row-wise Adagrad on the tables
+        dense_lr: learning rate of Adam on the dense parameters
+        image: image (local_cwd: the working directory)
+        j: {nnodes}x{nproc_per_node}
+        cpu: CPUs per process
+        gpu: GPUs per process (use 1 with --device cuda)
+        memMB: memory per process in MB
+    """
+    config = TokenizeConfig(
+        train_log=train_log, store=store, valid_log=valid_log,
+        export_logs=list(export_logs or []), overwrite=overwrite, results=results,
+        fields_per_subtoken=fields_per_subtoken, field_dim=field_dim, d0=d0, levels=levels,
+        codebook_size=codebook_size, commitment=commitment, ema_decay=ema_decay,
+        ema_epsilon=ema_epsilon, dead_code_threshold=dead_code_threshold,
+        entropy_weight=entropy_weight, entropy_temperature=entropy_temperature,
+        aux_layers=list(aux_layers or HGAQConfig().aux_layers), epochs=epochs,
+        batch_size=batch_size, log_every=log_every, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every, seed=seed, device=device,
+        sharding_types=list(sharding_types or []), uvm_caching=uvm_caching,
+        sparse_lr=sparse_lr, dense_lr=dense_lr)
+    config.check()
+    return ddp(*config_to_args(config), script="apps/tokenize_samples.py", image=image,
+               name="iat-tokenize", j=j, cpu=cpu, gpu=gpu, memMB=memMB)
