@@ -49,12 +49,21 @@ def test_sit_is_causal():
     torch.manual_seed(0)
     sit = SourceInstanceTransformer(16, 2, 2, context=4).eval()
     x = torch.randn(3, 10, 16)
-    pad = torch.zeros(3, 10, dtype=torch.bool)
-    out = sit(x, pad)
+    out = sit(x)
     changed = x.clone()
     changed[:, 6:] = torch.randn(3, 4, 16)
-    assert torch.allclose(sit(changed, pad)[:, :6], out[:, :6], atol=1e-6)
-    assert not torch.allclose(sit(changed, pad)[:, 6:], out[:, 6:])
+    assert torch.allclose(sit(changed)[:, :6], out[:, :6], atol=1e-6)
+    assert not torch.allclose(sit(changed)[:, 6:], out[:, 6:])
+
+
+def test_short_and_long_histories_in_one_batch_stay_finite():
+    """A user with one row beside a user with many: long padding after a short row."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CONFIG, sit_context=2)
+    obj = SourceModelTrain(tiny_spec(), cfg, Scheme.USER).objective.eval()
+    users = torch.tensor([5] + [6] * 30)
+    out = obj._sit_outputs(torch.rand(31, 16), users, torch.ones(31))
+    assert torch.isfinite(out).all()
 
 
 def _objective():

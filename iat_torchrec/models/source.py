@@ -122,15 +122,17 @@ class SourceInstanceTransformer(nn.Module):
         self.context = context
         self.num_layers = layers
 
-    def forward(self, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        """tokens [U, S, d], padding [U, S] (True = no token) -> outputs [U, S, d]."""
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [U, S, d] -> outputs [U, S, d]. Rows are left-aligned: any padding follows a
+        row's real tokens, so causal attention never lets a real token see it (and a padding
+        position always has itself to attend to: no empty softmax). Outputs at padding
+        positions are meaningless."""
         s = tokens.shape[1]
         i = torch.arange(s, device=tokens.device)
         gap = (i.unsqueeze(1) - i.unsqueeze(0)).to(tokens.dtype)
         allowed = (gap >= 0) & (gap <= self.context)
         bias = torch.where(allowed, -gap / max(self.context, 1), float("-inf"))
-        empty = torch.zeros_like(padding, dtype=tokens.dtype).masked_fill(padding, float("-inf"))
-        return self.encoder(tokens, mask=bias, src_key_padding_mask=empty)
+        return self.encoder(tokens, mask=bias)
 
 
 class UserContextCache:
@@ -216,16 +218,13 @@ class SourceObjective(nn.Module):
         # only ever follows real tokens, so every causal query sees at least one real key.
         width = int((ctx_len + lengths).max())
         seq = z.new_zeros(n_users, width, z.shape[1])
-        real = torch.zeros(n_users, width, dtype=torch.bool, device=z.device)
         c = min(ctx.shape[1], width)
         in_ctx = torch.arange(c, device=z.device) < ctx_len.unsqueeze(1)
         seq[:, :c][in_ctx] = ctx[:, :c][in_ctx]
-        real[:, :c] = in_ctx
         seg = torch.repeat_interleave(torch.arange(n_users, device=z.device), lengths)
         col = ctx_len[seg] + torch.arange(z.shape[0], device=z.device) - starts[seg]
         seq[seg, col] = z
-        real[seg, col] = True
-        out = self.sit(seq, ~real)
+        out = self.sit(seq)
         if bool(weight.gt(0).all()):  # a padding batch leaves no trace
             self.cache.update(users, list(torch.split(z.detach(), lengths.tolist())))
         return out[seg, col]
