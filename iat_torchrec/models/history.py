@@ -1,0 +1,421 @@
+"""History branches of the downstream model: DIN and BST over item-id histories, and the IAT
+branch over instance tokens (METHOD.md, "Stage 3").
+
+Each branch reads one target sample's history ``[B, L, ...]`` with the per-step side information
+of :class:`~iat_torchrec.tokens.assembly.HistoryBatch` (``label`` with the LABEL_* values,
+``gap_bucket``, ``mask`` True = real step) and returns one token ``[B, out]`` that enters DLRM's
+feature interaction as one more feature:
+
+- :class:`DINAttention`: target attention (Deep Interest Network). A key per step is the item
+  embedding plus a label (and time-gap) side-information embedding; an activation unit (MLP over
+  ``[q, k, q - k, q * k]``) scores each key against the target item ``q``; the output is the
+  score-weighted sum of keys (unnormalised as in DIN, or softmax-normalised).
+- :class:`BSTEncoder`: Behaviour Sequence Transformer. Tokens ``[target; history]``, the history
+  steps carrying label, time-gap and position-from-the-end embeddings; pre-LayerNorm Transformer
+  blocks with a padding mask; the output is the target token (or the masked mean of all tokens).
+- :class:`IATBranch`: instance tokens e (frozen, from the token lookup) -> adaptation
+  ``sigmoid(W e + b)`` (64) concatenated with side-information embeddings (label + gap, 64) ->
+  128 per step; a query token, a compressed linear projection of the current sample's features,
+  is put in front; Transformer blocks over ``[query; history]``; the query's output, projected,
+  is the branch's one token.
+
+Decisions where METHOD.md is silent:
+
+- Masks are honoured everywhere: padded steps are zeroed (NaN included) before any arithmetic and
+  their ids replaced by 0 before embedding lookups, and attention never looks at them, so outputs
+  do not depend on what padding holds or on how much of it there is, nor on where the real steps
+  sit (left- or right-aligned). The target (BST) or query (IAT) token is always real, so no
+  softmax is ever empty; DIN over an empty history returns zeros. All three give finite values
+  and gradients for empty histories.
+- Position from the end (BST; IAT optionally) counts the real steps after a step, clipped to the
+  last bucket, so it is the same for any alignment; the time gap is the BST paper's "position".
+- The IAT side information is the sum of a label and a gap embedding, each ``side_dim`` wide; the
+  Transformer's width is ``adapt_dim + side_dim``. Tokens are detached (the store is frozen).
+- Default heads: BST 2 (head size 8 at D = 16), IAT 4 (head size 32 at width 128); GELU FFN of
+  width ``ffn_mult`` times the model width; the last block computes only the output token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from iat_torchrec.models.mixer import MultiHeadAttention
+from iat_torchrec.tokens.assembly import LABEL_PAD, LABEL_VOCAB_SIZE, HistoryBatch, HistoryLayout
+
+DEFAULT_GAP_VOCAB = HistoryLayout().gap_vocab_size
+BST_OUTPUTS = ("target", "mean")
+
+
+# --------------------------------------------------------------------------- configs
+@dataclasses.dataclass
+class DINConfig:
+    """The DIN activation unit."""
+
+    attention_layers: List[int] = dataclasses.field(
+        default_factory=lambda: [64, 32],
+        metadata={"help": "hidden sizes of the activation unit (PReLU)"})
+    softmax: bool = dataclasses.field(default=False, metadata={
+        "help": "normalise the attention scores with a softmax (DIN itself does not)"})
+    use_gap: bool = dataclasses.field(default=True, metadata={
+        "help": "add a time-gap embedding to each key (the label is always added)"})
+
+    def __post_init__(self) -> None:
+        if any(n <= 0 for n in self.attention_layers):
+            raise ValueError(f"DINConfig.attention_layers must be positive, "
+                             f"got {self.attention_layers}")
+
+
+@dataclasses.dataclass
+class BSTConfig:
+    """The BST Transformer over [target; item history]."""
+
+    num_layers: int = dataclasses.field(default=1, metadata={"help": "Transformer blocks"})
+    num_heads: int = dataclasses.field(default=2, metadata={"help": "attention heads"})
+    ffn_mult: int = dataclasses.field(default=4, metadata={"help": "FFN width / D"})
+    dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout"})
+    position_buckets: int = dataclasses.field(default=64, metadata={
+        "help": "position-from-the-end embeddings (0: none)"})
+    use_gap: bool = dataclasses.field(default=True, metadata={
+        "help": "add a time-gap embedding to each history step"})
+    output: str = dataclasses.field(default="target", metadata={
+        "help": "target | mean: the target token, or the masked mean of all tokens"})
+
+    def __post_init__(self) -> None:
+        _check_transformer("BSTConfig", self.num_layers, self.num_heads, self.ffn_mult,
+                           self.dropout, self.position_buckets)
+        if self.output not in BST_OUTPUTS:
+            raise ValueError(f"BSTConfig.output must be one of {BST_OUTPUTS}, got {self.output!r}")
+
+
+@dataclasses.dataclass
+class IATBranchConfig:
+    """The IAT branch (paper sizes: 64 + 64 = 128 per step)."""
+
+    adapt_dim: int = dataclasses.field(default=64, metadata={
+        "help": "width of the adaptation MLP sigmoid(W e + b)"})
+    side_dim: int = dataclasses.field(default=64, metadata={
+        "help": "width of the side-information embeddings (label, time gap)"})
+    num_layers: int = dataclasses.field(default=2, metadata={"help": "Transformer blocks"})
+    num_heads: int = dataclasses.field(default=4, metadata={"help": "attention heads"})
+    ffn_mult: int = dataclasses.field(default=4, metadata={"help": "FFN width / model width"})
+    dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout"})
+    position_buckets: int = dataclasses.field(default=0, metadata={
+        "help": "position-from-the-end embeddings (0: none; the time gap orders the steps)"})
+
+    def __post_init__(self) -> None:
+        if self.adapt_dim <= 0 or self.side_dim <= 0:
+            raise ValueError("IATBranchConfig: adapt_dim and side_dim must be > 0")
+        _check_transformer("IATBranchConfig", self.num_layers, self.num_heads, self.ffn_mult,
+                           self.dropout, self.position_buckets)
+        if (self.adapt_dim + self.side_dim) % self.num_heads:
+            raise ValueError(f"IATBranchConfig: adapt_dim + side_dim "
+                             f"({self.adapt_dim + self.side_dim}) must be a multiple of "
+                             f"num_heads ({self.num_heads})")
+
+    @property
+    def model_dim(self) -> int:
+        return self.adapt_dim + self.side_dim
+
+
+def _check_transformer(name: str, layers: int, heads: int, ffn_mult: int, dropout: float,
+                       positions: int) -> None:
+    if layers <= 0 or heads <= 0 or ffn_mult <= 0:
+        raise ValueError(f"{name}: num_layers, num_heads and ffn_mult must be > 0")
+    if not 0.0 <= dropout < 1.0 or positions < 0:
+        raise ValueError(f"{name}: dropout must lie in [0, 1) and position_buckets be >= 0")
+
+
+# --------------------------------------------------------------------------- helpers
+def masked_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``ids`` with padded steps replaced by 0 (a valid row of any embedding table)."""
+    return torch.where(mask, ids, 0)
+
+
+def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, L, d] with padded steps set to 0 (whatever they held, NaN included)."""
+    return torch.where(mask.unsqueeze(-1), x, x.new_zeros(()))
+
+
+def steps_after(mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] int64: how many real steps follow each step (0 for the newest real step)."""
+    m = mask.long()
+    return m.flip(1).cumsum(1).flip(1) - m
+
+
+def last_steps_index(mask: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where the last ``k`` real steps of each row sit: ``(index [B, k], valid [B, k])``, oldest
+    first, left-aligned (``valid`` False and index 0 past the row's real steps); any mask."""
+    b, length = mask.shape
+    after = steps_after(mask)
+    keep = mask & (after < k)
+    count = mask.sum(1).clamp(max=k)
+    slot = torch.where(keep, count.unsqueeze(1) - 1 - after, k)  # k: a dropped extra column
+    index = torch.zeros(b, k + 1, dtype=torch.long, device=mask.device)
+    index.scatter_(1, slot, torch.arange(length, device=mask.device).expand(b, length))
+    valid = torch.arange(k, device=mask.device) < count.unsqueeze(1)
+    return torch.where(valid, index[:, :k], 0), valid
+
+
+def last_steps(history: HistoryBatch, k: int, gap_pad: int) -> HistoryBatch:
+    """The last ``k`` real steps of each history, oldest first, padded at the end (row id -1,
+    :data:`LABEL_PAD`, gap bucket ``gap_pad``): the item-id history of a longer token history."""
+    if k == history.mask.shape[1]:
+        return history
+    index, valid = last_steps_index(history.mask, k)
+
+    def take(x: torch.Tensor, pad: int) -> torch.Tensor:
+        return torch.where(valid, torch.gather(x, 1, index), pad)
+
+    return HistoryBatch(row_ids=take(history.row_ids, -1), mask=valid,
+                        label=take(history.label, LABEL_PAD),
+                        gap_bucket=take(history.gap_bucket, gap_pad),
+                        length=valid.sum(1))
+
+
+class TransformerBlock(nn.Module):
+    """A pre-LayerNorm encoder block (self-attention through SDPA with a padding mask, GELU FFN)
+    that can compute the first position only.
+
+    Args:
+        dim: model width.
+        num_heads, ffn_mult, dropout: attention heads, FFN width / dim, dropout.
+        device: where the parameters live.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_mult: int, dropout: float = 0.0,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(dim, device=device)
+        self.attention = MultiHeadAttention(dim, num_heads, dropout, device=device)
+        self.ffn_norm = nn.LayerNorm(dim, device=device)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim, device=device), nn.GELU(),
+                                 nn.Linear(ffn_mult * dim, dim, device=device))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, first_only: bool = False
+                ) -> torch.Tensor:
+        """x [B, S, dim], mask [B, S] bool (True = real) -> [B, S, dim], or [B, 1, dim] (the
+        first position only) with ``first_only``."""
+        b, s, _ = x.shape
+        a = self.attention(self.attention_norm(x), mask.view(b, 1, 1, s),
+                           num_queries=1 if first_only else None)
+        x = (x[:, :1] if first_only else x) + self.dropout(a)
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+def _encode(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor,
+            first_only: bool) -> torch.Tensor:
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
+        x = block(x, mask, first_only=first_only and i == last)
+    return x
+
+
+# --------------------------------------------------------------------------- DIN
+class DINAttention(nn.Module):
+    """DIN target attention over an item-id history with label (and gap) side information.
+
+    Args:
+        embed_dim: D, the item embedding width (the query's too).
+        config: activation unit and options.
+        label_vocab: label side-information ids (LABEL_* values).
+        gap_vocab: gap-bucket ids (``HistoryLayout.gap_vocab_size``).
+        device: where the parameters live.
+
+    Example::
+
+        din = DINAttention(16, DINConfig())
+        out = din(target_item,            # [B, 16]
+                  history_items,          # [B, L, 16] item embeddings
+                  history.label, history.gap_bucket, history.mask)   # -> [B, 16]
+    """
+
+    def __init__(self, embed_dim: int, config: DINConfig, label_vocab: int = LABEL_VOCAB_SIZE,
+                 gap_vocab: int = DEFAULT_GAP_VOCAB, device: Optional[torch.device] = None
+                 ) -> None:
+        super().__init__()
+        self.config, self.embed_dim = config, embed_dim
+        self.label_embedding = nn.Embedding(label_vocab, embed_dim, device=device)
+        self.gap_embedding = (nn.Embedding(gap_vocab, embed_dim, device=device)
+                              if config.use_gap else None)
+        layers: List[nn.Module] = []
+        width = 4 * embed_dim
+        for n in config.attention_layers:
+            layers += [nn.Linear(width, n, device=device), nn.PReLU(n, device=device)]
+            width = n
+        layers.append(nn.Linear(width, 1, device=device))
+        self.activation_unit = nn.Sequential(*layers)
+        self.output_dim: int = embed_dim
+        for emb in (self.label_embedding, self.gap_embedding):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
+
+    def keys(self, items: torch.Tensor, label: torch.Tensor, gap_bucket: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
+        """Per-step keys [B, L, D]: item + side information, padded steps zero."""
+        k = zero_padding(items, mask) + self.label_embedding(masked_ids(label, mask))
+        if self.gap_embedding is not None:
+            k = k + self.gap_embedding(masked_ids(gap_bucket, mask))
+        return zero_padding(k, mask)
+
+    def forward(self, query: torch.Tensor, items: torch.Tensor, label: torch.Tensor,
+                gap_bucket: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """query [B, D], items [B, L, D], label / gap_bucket [B, L] int, mask [B, L] bool ->
+        [B, D] (zeros for an empty history)."""
+        mask = mask.bool()
+        k = self.keys(items, label, gap_bucket, mask)
+        q = query.unsqueeze(1).expand_as(k)
+        unit_in = torch.cat([q, k, q - k, q * k], dim=-1)
+        # [B * L, 4D]: PReLU's per-unit slopes act on dim 1.
+        scores = self.activation_unit(unit_in.reshape(-1, unit_in.shape[-1])).view(mask.shape)
+        if self.config.softmax:
+            # A finite fill keeps all-masked rows (uniform, then zeroed) free of NaN gradients.
+            scores = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
+        weights = torch.where(mask, scores, scores.new_zeros(()))
+        return (weights.unsqueeze(-1) * k).sum(1)
+
+
+# --------------------------------------------------------------------------- BST
+class BSTEncoder(nn.Module):
+    """BST: a Transformer over ``[target item; item history]``.
+
+    Args:
+        embed_dim: D, the item embedding width (the model width).
+        config: blocks, heads, positions, output.
+        label_vocab, gap_vocab: side-information vocabularies.
+        device: where the parameters live.
+
+    Example::
+
+        bst = BSTEncoder(16, BSTConfig())
+        out = bst(target_item, history_items, history.label, history.gap_bucket,
+                  history.mask)    # -> [B, 16]
+    """
+
+    def __init__(self, embed_dim: int, config: BSTConfig, label_vocab: int = LABEL_VOCAB_SIZE,
+                 gap_vocab: int = DEFAULT_GAP_VOCAB, device: Optional[torch.device] = None
+                 ) -> None:
+        super().__init__()
+        if embed_dim % config.num_heads:
+            raise ValueError(f"BST: embedding dim {embed_dim} must be a multiple of num_heads "
+                             f"({config.num_heads})")
+        self.config, self.embed_dim = config, embed_dim
+        self.label_embedding = nn.Embedding(label_vocab, embed_dim, device=device)
+        self.gap_embedding = (nn.Embedding(gap_vocab, embed_dim, device=device)
+                              if config.use_gap else None)
+        self.position_embedding = (nn.Embedding(config.position_buckets, embed_dim, device=device)
+                                   if config.position_buckets else None)
+        self.target_embedding = nn.Parameter(torch.zeros(embed_dim, device=device))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(embed_dim, config.num_heads, config.ffn_mult, config.dropout,
+                             device=device) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(embed_dim, device=device)
+        self.output_dim: int = embed_dim
+        for emb in (self.label_embedding, self.gap_embedding, self.position_embedding):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
+
+    def history_tokens(self, items: torch.Tensor, label: torch.Tensor, gap_bucket: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+        """History tokens [B, L, D]: item + label (+ gap, + position), padded steps zero."""
+        h = zero_padding(items, mask) + self.label_embedding(masked_ids(label, mask))
+        if self.gap_embedding is not None:
+            h = h + self.gap_embedding(masked_ids(gap_bucket, mask))
+        if self.position_embedding is not None:
+            pos = steps_after(mask).clamp(max=self.config.position_buckets - 1)
+            h = h + self.position_embedding(masked_ids(pos, mask))
+        return zero_padding(h, mask)
+
+    def forward(self, target: torch.Tensor, items: torch.Tensor, label: torch.Tensor,
+                gap_bucket: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """target [B, D], items [B, L, D], label / gap_bucket [B, L] int, mask [B, L] bool ->
+        [B, D]."""
+        mask = mask.bool()
+        x = torch.cat([(target + self.target_embedding).unsqueeze(1),
+                       self.history_tokens(items, label, gap_bucket, mask).to(target.dtype)], 1)
+        full = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        target_only = self.config.output == "target"
+        x = self.norm(_encode(self.blocks, x, full, target_only))
+        if target_only:
+            return x[:, 0]
+        x = zero_padding(x, full)
+        return x.sum(1) / full.sum(1, keepdim=True).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- IAT
+class IATBranch(nn.Module):
+    """The IAT branch: frozen instance tokens -> adaptation + side information -> a Transformer
+    over ``[query; history]`` -> one token.
+
+    Args:
+        token_dim: d, the instance token width.
+        query_dim: width of the current sample's features the query is projected from.
+        output_dim: width of the output token (D, to enter the interaction as a feature).
+        config: sizes.
+        label_vocab, gap_vocab: side-information vocabularies.
+        device: where the parameters live.
+
+    Example::
+
+        branch = IATBranch(token_dim=64, query_dim=(1 + F) * D, output_dim=D,
+                           config=IATBranchConfig())
+        tokens = lookup(history.row_ids)                  # [B, L, 64], frozen
+        out = branch(tokens, history.label, history.gap_bucket, history.mask,
+                     torch.cat([dense_embedding, sparse_embeddings.flatten(1)], 1))  # [B, D]
+    """
+
+    def __init__(self, token_dim: int, query_dim: int, output_dim: int, config: IATBranchConfig,
+                 label_vocab: int = LABEL_VOCAB_SIZE, gap_vocab: int = DEFAULT_GAP_VOCAB,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.config, self.token_dim = config, token_dim
+        width = config.model_dim
+        self.adapt = nn.Linear(token_dim, config.adapt_dim, device=device)
+        self.label_embedding = nn.Embedding(label_vocab, config.side_dim, device=device)
+        self.gap_embedding = nn.Embedding(gap_vocab, config.side_dim, device=device)
+        self.position_embedding = (nn.Embedding(config.position_buckets, width, device=device)
+                                   if config.position_buckets else None)
+        self.query = nn.Linear(query_dim, width, device=device)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(width, config.num_heads, config.ffn_mult, config.dropout,
+                             device=device) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(width, device=device)
+        self.output = nn.Linear(width, output_dim, device=device)
+        self.output_dim: int = output_dim
+        for emb in (self.label_embedding, self.gap_embedding, self.position_embedding):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
+
+    def steps(self, tokens: torch.Tensor, label: torch.Tensor, gap_bucket: torch.Tensor,
+              mask: torch.Tensor) -> torch.Tensor:
+        """Per-step inputs [B, L, adapt_dim + side_dim], padded steps zero; tokens detached."""
+        e = zero_padding(tokens.detach().to(self.adapt.weight.dtype), mask)
+        side = (self.label_embedding(masked_ids(label, mask))
+                + self.gap_embedding(masked_ids(gap_bucket, mask)))
+        x = torch.cat([torch.sigmoid(self.adapt(e)), side], dim=-1)
+        if self.position_embedding is not None:
+            pos = steps_after(mask).clamp(max=self.config.position_buckets - 1)
+            x = x + self.position_embedding(masked_ids(pos, mask))
+        return zero_padding(x, mask)
+
+    def forward(self, tokens: torch.Tensor, label: torch.Tensor, gap_bucket: torch.Tensor,
+                mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L, d] (no gradient reaches them), label / gap_bucket [B, L] int,
+        mask [B, L] bool, query [B, query_dim] -> [B, output_dim]."""
+        mask = mask.bool()
+        x = torch.cat([self.query(query).unsqueeze(1),
+                       self.steps(tokens, label, gap_bucket, mask)], dim=1)
+        full = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        x = _encode(self.blocks, x, full, first_only=True)
+        return self.output(self.norm(x[:, 0]))
+
+
+__all__: Sequence[str] = (
+    "DEFAULT_GAP_VOCAB", "DINConfig", "BSTConfig", "IATBranchConfig", "masked_ids",
+    "zero_padding", "steps_after", "last_steps_index", "last_steps", "TransformerBlock",
+    "DINAttention", "BSTEncoder", "IATBranch",
+)

@@ -1,0 +1,176 @@
+"""History branches: DIN, BST and the IAT branch on their own: masks (padding invariance, any
+alignment), empty histories, frozen tokens, and the last-k-steps helper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iat_torchrec.models.history import (BSTConfig, BSTEncoder, DINAttention, DINConfig,
+                                         IATBranch, IATBranchConfig, last_steps,
+                                         last_steps_index, steps_after)
+from iat_torchrec.tokens.assembly import LABEL_PAD, LABEL_UNKNOWN, HistoryBatch
+
+B, L, D, TOKEN_DIM, QUERY_DIM, GAPS = 5, 7, 16, 12, 24, 20
+LENGTHS = [0, 1, 3, 7, 5]  # an empty history, a full one
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine is shared: one intra-op thread avoids oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _inputs(seed: int = 0):
+    """Left-aligned histories: items / tokens, label, gap, mask; target; query."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(L) < torch.tensor(LENGTHS).unsqueeze(1)
+    label = torch.where(mask, torch.randint(0, 3, (B, L), generator=g), LABEL_PAD)
+    gap = torch.where(mask, torch.randint(0, GAPS - 1, (B, L), generator=g), GAPS - 1)
+    return {
+        "items": torch.randn(B, L, D, generator=g),
+        "tokens": torch.randn(B, L, TOKEN_DIM, generator=g),
+        "label": label, "gap": gap, "mask": mask,
+        "target": torch.randn(B, D, generator=g),
+        "query": torch.randn(B, QUERY_DIM, generator=g),
+    }
+
+
+def _branches():
+    torch.manual_seed(0)
+    din = DINAttention(D, DINConfig(), gap_vocab=GAPS)
+    din_softmax = DINAttention(D, DINConfig(softmax=True), gap_vocab=GAPS)
+    bst = BSTEncoder(D, BSTConfig(num_layers=2), gap_vocab=GAPS)
+    bst_mean = BSTEncoder(D, BSTConfig(output="mean"), gap_vocab=GAPS)
+    iat = IATBranch(TOKEN_DIM, QUERY_DIM, D, IATBranchConfig(adapt_dim=16, side_dim=16,
+                                                             num_heads=2, position_buckets=8),
+                    gap_vocab=GAPS)
+    return {"din": din, "din_softmax": din_softmax, "bst": bst, "bst_mean": bst_mean,
+            "iat": iat}
+
+
+def _run(name: str, module: torch.nn.Module, x) -> torch.Tensor:
+    if name.startswith("iat"):
+        return module(x["tokens"], x["label"], x["gap"], x["mask"], x["query"])
+    return module(x["target"], x["items"], x["label"], x["gap"], x["mask"])
+
+
+def _pad(x, extra: int, garbage: float):
+    """The same histories with ``extra`` more padded steps holding garbage (NaN for floats)."""
+    out = dict(x)
+    for key, fill in (("items", garbage), ("tokens", garbage)):
+        v = x[key]
+        out[key] = torch.cat([v, torch.full((B, extra, v.shape[2]), fill)], dim=1)
+    out["label"] = torch.cat([x["label"], torch.full((B, extra), 99)], dim=1)
+    out["gap"] = torch.cat([x["gap"], torch.full((B, extra), 99)], dim=1)
+    out["mask"] = torch.cat([x["mask"], torch.zeros(B, extra, dtype=torch.bool)], dim=1)
+    return out
+
+
+def _scramble_padding(x):
+    """Garbage (NaN, out-of-vocabulary ids) in the existing padded steps."""
+    out = dict(x)
+    pad = ~x["mask"]
+    out["items"] = torch.where(pad.unsqueeze(-1), float("nan"), x["items"])
+    out["tokens"] = torch.where(pad.unsqueeze(-1), 1e6, x["tokens"])
+    out["label"] = torch.where(pad, 1234, x["label"])
+    out["gap"] = torch.where(pad, -5, x["gap"])
+    return out
+
+
+def _right_align(x):
+    """The same real steps, in the same order, at the end of each row instead of the start."""
+    out = dict(x)
+    n = x["mask"].sum(1, keepdim=True)
+    src = (torch.arange(L) - (L - n)) % L  # position j reads source step (j - (L - n)) mod L
+    for key in ("items", "tokens"):
+        out[key] = torch.gather(x[key], 1, src.unsqueeze(-1).expand_as(x[key]))
+    for key in ("label", "gap"):
+        out[key] = torch.gather(x[key], 1, src)
+    out["mask"] = torch.arange(L) >= (L - n)
+    return out
+
+
+@pytest.mark.parametrize("name", ["din", "din_softmax", "bst", "bst_mean", "iat"])
+def test_padding_invariance(name):
+    module = _branches()[name].eval()
+    x = _inputs()
+    ref = _run(name, module, x)
+    assert ref.shape == (B, D) and torch.isfinite(ref).all()
+    for variant in (_pad(x, 4, float("nan")), _pad(x, 9, 3.0), _scramble_padding(x),
+                    _right_align(x)):
+        assert torch.allclose(_run(name, module, variant), ref, atol=1e-5), name
+
+
+@pytest.mark.parametrize("name", ["din", "din_softmax", "bst", "bst_mean", "iat"])
+def test_empty_history_is_finite_with_finite_gradients(name):
+    module = _branches()[name]
+    x = _scramble_padding(_inputs())
+    x["mask"] = torch.zeros(B, L, dtype=torch.bool)
+    out = _run(name, module, x)
+    assert torch.isfinite(out).all()
+    out.square().sum().backward()
+    for p_name, p in module.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), p_name
+    if name.startswith("din"):
+        assert torch.equal(out, torch.zeros_like(out))  # nothing to attend to
+    zero_length = {k: (v[:, :0] if v.dim() > 1 and k not in ("target", "query") else v)
+                   for k, v in _inputs().items()}
+    assert torch.isfinite(_run(name, module, zero_length)).all()
+
+
+@pytest.mark.parametrize("name", ["din", "bst", "iat"])
+def test_history_content_matters(name):
+    """The masks do not make the branches blind: real steps change the output."""
+    module = _branches()[name].eval()
+    x = _inputs()
+    y = dict(x)
+    y["items"], y["tokens"] = x["items"] + 1.0, x["tokens"] + 1.0
+    y["label"] = torch.where(x["mask"], LABEL_UNKNOWN, x["label"])
+    a, b = _run(name, module, x), _run(name, module, y)
+    has = torch.tensor(LENGTHS) > 0
+    assert not torch.allclose(a[has], b[has], atol=1e-4)
+
+
+def test_iat_branch_takes_no_gradient_into_tokens_and_uses_the_query():
+    module = _branches()["iat"]
+    x = _inputs()
+    x["tokens"].requires_grad_(True)
+    x["query"].requires_grad_(True)
+    module(x["tokens"], x["label"], x["gap"], x["mask"], x["query"]).sum().backward()
+    assert x["tokens"].grad is None
+    assert x["query"].grad is not None and x["query"].grad.abs().sum() > 0
+    assert module.adapt.weight.grad.abs().sum() > 0  # the adaptation MLP learns
+
+
+def test_steps_after_and_last_steps():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]],
+                        dtype=torch.bool)
+    assert steps_after(mask)[1].tolist() == [3, 2, 2, 1, 0]
+    index, valid = last_steps_index(mask, 2)
+    assert valid.tolist() == [[True, True], [True, True], [False, False], [True, True]]
+    assert torch.where(valid, index, -1).tolist() == [[1, 2], [3, 4], [-1, -1], [3, 4]]
+    index, valid = last_steps_index(mask, 7)
+    assert torch.where(valid, index, -1)[1].tolist() == [1, 3, 4, -1, -1, -1, -1]
+    rows = torch.where(mask, torch.arange(5) + 10 * torch.arange(4).unsqueeze(1), -1)
+    hist = HistoryBatch(row_ids=rows, mask=mask, label=torch.where(mask, 1, LABEL_PAD),
+                        gap_bucket=torch.where(mask, 4, 9), length=mask.sum(1))
+    short = last_steps(hist, 2, gap_pad=9)
+    assert short.row_ids.tolist() == [[1, 2], [13, 14], [-1, -1], [33, 34]]
+    assert short.label.tolist()[2] == [LABEL_PAD] * 2 and short.gap_bucket.tolist()[2] == [9, 9]
+    assert short.length.tolist() == [2, 2, 0, 2]
+    assert last_steps(hist, 5, gap_pad=9) is hist
+
+
+def test_configs_reject_bad_sizes():
+    with pytest.raises(ValueError):
+        BSTConfig(output="sum")
+    with pytest.raises(ValueError):
+        IATBranchConfig(adapt_dim=64, side_dim=63, num_heads=4)
+    with pytest.raises(ValueError):
+        DINConfig(attention_layers=[0])
+    with pytest.raises(ValueError):
+        BSTEncoder(18, BSTConfig(num_heads=4))
