@@ -3,7 +3,7 @@
     python apps/assemble.py --target_log outputs/data/ml-p1/test --store outputs/tokens/iat \
         --output outputs/history/test --max_len 256
     torchrun --nproc_per_node 4 apps/assemble.py ...    # partitioned by user over 4 processes
-    torchx run -s local_cwd torchx_components/components.py:assemble --j 1x4 ...
+    torchx run -s local_cwd torchx_components/components.py:assemble -j 1x4 ...
 
 Every flag is a field of :class:`iat_torchrec.tokens.assembly.AssembleConfig` (``--help``).
 Under torchrun (``WORLD_SIZE`` > 1) the processes form a gloo group, each assembles the samples

@@ -17,6 +17,7 @@ import pytest
 from iat_torchrec.data.prepare import DataConfig
 from iat_torchrec.stages.compress import CompressConfig
 from iat_torchrec.stages.tokenize import TokenizeConfig
+from iat_torchrec.tokens.assembly import AssembleConfig
 from torchx_components import components
 
 RESOURCE_ARGS = {"image", "cpu", "gpu", "memMB", "h", "j"}
@@ -26,6 +27,7 @@ RESOURCE_ARGS = {"image", "cpu", "gpu", "memMB", "h", "j"}
     (components.prepare_data, DataConfig),
     (components.compress, CompressConfig),
     (components.tokenize, TokenizeConfig),
+    (components.assemble, AssembleConfig),
 ])
 def test_component_arguments_are_the_config_fields(component, config):
     params = inspect.signature(component).parameters
@@ -36,7 +38,7 @@ def test_component_arguments_are_the_config_fields(component, config):
                    else field.default)
         given = params[name].default
         if given is inspect.Parameter.empty:  # required in the component
-            assert default in ("", None), name
+            assert default in ("", None, dataclasses.MISSING), name
         elif given is None and isinstance(default, list):
             continue  # None stands for the dataclass's default list
         else:
