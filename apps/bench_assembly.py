@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mproc
-import os
 import queue
 import resource
 import tempfile
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from iat_torchrec.benchmark import pin_one_core
 from iat_torchrec.config import parse_config
 from iat_torchrec.tokens.assembly import (AssembleConfig, HistoryLayout, HistoryMaterializer,
                                           HistoryShards, assemble_history)
@@ -57,13 +57,6 @@ class BenchAssemblyConfig:
     repeats: int = dataclasses.field(default=3, metadata={"help": "timed runs (best kept)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed"})
     work_dir: str = dataclasses.field(default="", metadata={"help": "scratch dir (default tmp)"})
-
-
-def _pin_one_core() -> None:
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    torch.set_num_threads(1)
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
 
 
 def _peak_rss_mib() -> float:
@@ -98,7 +91,7 @@ def _build_store(cfg: BenchAssemblyConfig, path: str, out: "mproc.Queue") -> Non
 
 def _assemble(config: AssembleConfig, out: "mproc.Queue") -> None:
     """Child process: the whole stage on one core, timed from inside (no interpreter start)."""
-    _pin_one_core()
+    pin_one_core()
     wall, cpu = time.perf_counter(), time.process_time()
     assemble_history(config)
     out.put((time.process_time() - cpu, time.perf_counter() - wall, _peak_rss_mib()))
@@ -160,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         stage_s, stage_wall, stage_rss = _in_child(_assemble, config)
         (base_rss,) = _in_child(_baseline)
 
-        _pin_one_core()
+        pin_one_core()
         index = store.time_index
         n = cfg.num_samples
         keys = np.asarray(index.keys)

@@ -16,7 +16,6 @@ same run and on the same core:
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +24,8 @@ from typing import Callable, Iterable, List, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
+from iat_torchrec.benchmark import pin_one_core
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.log import log_files
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder
@@ -42,13 +41,6 @@ class BenchReaderConfig:
     batch_size: int = dataclasses.field(default=8192, metadata={"help": "rows per batch"})
     repeats: int = dataclasses.field(default=3, metadata={"help": "timed runs (best kept)"})
     work_dir: str = dataclasses.field(default="", metadata={"help": "scratch dir (default tmp)"})
-
-
-def _pin_one_core() -> None:
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    torch.set_num_threads(1)
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
 
 
 def _best_rate(rows: int, run: Callable[[], int], repeats: int) -> float:
@@ -97,7 +89,7 @@ def main(argv: List[str] = None) -> None:
         log = generate(data, tmp / "log")
         spec = FeatureSpec.load(log)
         dense, sparse, labels = _criteo_arrays(log, spec, tmp)
-        _pin_one_core()
+        pin_one_core()
         n = cfg.num_instances
 
         def torchrec_reference() -> int:

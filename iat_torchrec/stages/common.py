@@ -8,6 +8,7 @@ given logs into a token store; the pieces they have in common live here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from iat_torchrec.data.atomic import OutputExistsError
+from iat_torchrec.data.atomic import OutputExistsError, atomic_output
 from iat_torchrec.data.batch import InstanceBatch
 from iat_torchrec.data.log import log_files, read_key_columns
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder
@@ -29,6 +30,39 @@ from iat_torchrec.tokens.store import TokenStore
 from iat_torchrec.train.loop import padded
 
 KEYS = ("instance_id", "user_id", "ts")
+
+
+@dataclasses.dataclass
+class StageIOConfig:
+    """Inputs and outputs of a stage that trains on the training window and exports tokens."""
+
+    train_log: str = dataclasses.field(default="", metadata={
+        "help": "instance log of the training window (required)"})
+    valid_log: str = dataclasses.field(default="", metadata={
+        "help": "later instance log for validation after each epoch (optional)"})
+    export_logs: List[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "logs whose instances go into the store (default: train + valid)"})
+    store: str = dataclasses.field(default="", metadata={
+        "help": "token store directory to write (must not exist unless --overwrite)"})
+    overwrite: bool = dataclasses.field(default=False, metadata={
+        "help": "replace an existing token store"})
+    results: str = dataclasses.field(default="", metadata={
+        "help": "JSON file for the run's metrics and timings (optional)"})
+
+
+# Fields that do not shape training: a resume may change them.
+NOT_IN_FINGERPRINT = ("export_logs", "store", "overwrite", "results", "log_every", "epochs",
+                      "checkpoint_dir", "checkpoint_every")
+
+
+def write_results(path: str, config: Any, env: DistEnv, **results: Any) -> Dict[str, Any]:
+    """The run's results with its config, written atomically to ``path`` (if given) by rank 0."""
+    out = {"config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+           "world_size": env.world_size, **results}
+    if env.is_main and path:
+        with atomic_output(path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
 def stage_log(env: DistEnv, stage: str, msg: str) -> None:
@@ -71,7 +105,7 @@ def stage_reader(path: str, spec: FeatureSpec, batch_size: int, env: DistEnv,
 
 
 def resume_fingerprint(config: Any, spec: FeatureSpec, train_log: str, env: DistEnv,
-                       ignore: Sequence[str]) -> Dict[str, Any]:
+                       ignore: Sequence[str] = NOT_IN_FINGERPRINT) -> Dict[str, Any]:
     """What a resume must match: the config less ``ignore`` (outputs, logging, epochs), the
     spec, the training rows and the process count."""
     keep = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignore}

@@ -9,39 +9,29 @@ of the ``compress`` TorchX component.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from iat_torchrec.data.atomic import atomic_output
 from iat_torchrec.data.reader import InstanceLogReader, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec
 from iat_torchrec.distributed.sharding import (DistEnv, ShardingConfig, init_process_group,
                                                sum_over_ranks)
 from iat_torchrec.models.source import Scheme, SourceModelConfig, SourceModelTrain
-from iat_torchrec.stages.common import (build_sharded, check_inputs, export_rows,
-                                        resume_fingerprint, stage_log, stage_reader,
-                                        training_window, write_token_store)
+from iat_torchrec.stages.common import NOT_IN_FINGERPRINT as COMMON_NOT_IN_FINGERPRINT
+from iat_torchrec.stages.common import (StageIOConfig, build_sharded, check_inputs,
+                                        export_rows, resume_fingerprint, stage_log,
+                                        stage_reader, training_window, write_results,
+                                        write_token_store)
 from iat_torchrec.train.loop import TrainConfig, Trainer, evaluate
 
 
 @dataclasses.dataclass
-class CompressConfig(SourceModelConfig, TrainConfig, ShardingConfig):
+class CompressConfig(SourceModelConfig, TrainConfig, ShardingConfig, StageIOConfig):
     """Train the IAT source model and export instance tokens."""
 
-    train_log: str = dataclasses.field(default="", metadata={
-        "help": "instance log of the training window (required)"})
-    valid_log: str = dataclasses.field(default="", metadata={
-        "help": "later instance log for validation after each epoch (optional)"})
-    export_logs: List[str] = dataclasses.field(default_factory=list, metadata={
-        "help": "logs whose instances are compressed into the store (default: train + valid)"})
-    store: str = dataclasses.field(default="", metadata={
-        "help": "token store directory to write (must not exist unless --overwrite)"})
-    overwrite: bool = dataclasses.field(default=False, metadata={
-        "help": "replace an existing token store"})
     scheme: Scheme = dataclasses.field(default=Scheme.USER, metadata={
         "help": "temporal: instances in time order, each on its own; user: whole user "
                 "histories through the Source Instance Transformer"})
@@ -61,9 +51,7 @@ class CompressConfig(SourceModelConfig, TrainConfig, ShardingConfig):
 
 
 STAGE = "compress"
-# Config fields that do not shape training: a resume may change them.
-NOT_IN_FINGERPRINT = ("export_logs", "store", "overwrite", "results", "log_every", "epochs",
-                      "checkpoint_dir", "checkpoint_every", "token_dtype")
+NOT_IN_FINGERPRINT = (*COMMON_NOT_IN_FINGERPRINT, "token_dtype")
 
 
 def build_source_model(spec: FeatureSpec, cfg: CompressConfig, env: DistEnv):
@@ -140,14 +128,8 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
     write_token_store(cfg.store, list(parts.values()), kind="iat", token_shape=(dim,),
                       dtype=cfg.token_dtype, metadata=metadata, overwrite=cfg.overwrite,
                       env=env, stage=STAGE)
-    results = {
-        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-        "world_size": env.world_size, "steps": steps, "validation": history,
-        "train_seconds": train_seconds, "export_seconds": export_seconds,
-        "export_instances": exported,
-        "total_seconds": time.perf_counter() - started,
-    }
-    if env.is_main and cfg.results:
-        with atomic_output(cfg.results, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
+    results = write_results(cfg.results, cfg, env, steps=steps, validation=history,
+                            train_seconds=train_seconds, export_seconds=export_seconds,
+                            export_instances=exported,
+                            total_seconds=time.perf_counter() - started)
     return results if env.is_main else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -19,40 +18,25 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from iat_torchrec.data.atomic import atomic_output
 from iat_torchrec.data.reader import InstanceLogReader, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec
 from iat_torchrec.distributed.sharding import (DistEnv, ShardingConfig, init_process_group,
                                                sum_over_ranks)
 from iat_torchrec.models.hgaq import (HGAQConfig, SampleTokenizer, SampleTokenizerTrain,
                                       tokenizer_embedding_bag_collection)
-from iat_torchrec.stages.common import (build_sharded, check_inputs, export_rows,
-                                        resume_fingerprint, stage_log, stage_reader,
-                                        training_window, write_token_store)
+from iat_torchrec.stages.common import (StageIOConfig, build_sharded, check_inputs,
+                                        export_rows, resume_fingerprint, stage_log,
+                                        stage_reader, training_window, write_results,
+                                        write_token_store)
 from iat_torchrec.tokens.store import TokenStore
 from iat_torchrec.train.loop import TrainConfig, Trainer, evaluate
 
 STAGE = "tokenize"
-NOT_IN_FINGERPRINT = ("export_logs", "store", "overwrite", "results", "log_every", "epochs",
-                      "checkpoint_dir", "checkpoint_every")
 
 
 @dataclasses.dataclass
-class TokenizeConfig(HGAQConfig, TrainConfig, ShardingConfig):
+class TokenizeConfig(HGAQConfig, TrainConfig, ShardingConfig, StageIOConfig):
     """Train the HGAQ sample tokenizer and export its codes."""
-
-    train_log: str = dataclasses.field(default="", metadata={
-        "help": "instance log of the training window (required)"})
-    valid_log: str = dataclasses.field(default="", metadata={
-        "help": "later instance log for validation after each epoch (optional)"})
-    export_logs: List[str] = dataclasses.field(default_factory=list, metadata={
-        "help": "logs whose instances are tokenized into the store (default: train + valid)"})
-    store: str = dataclasses.field(default="", metadata={
-        "help": "token store directory to write (must not exist unless --overwrite)"})
-    overwrite: bool = dataclasses.field(default=False, metadata={
-        "help": "replace an existing token store"})
-    results: str = dataclasses.field(default="", metadata={
-        "help": "JSON file for the run's metrics, code usage and timings (optional)"})
 
     def check(self) -> None:
         if self.codebook_size > 256:
@@ -123,7 +107,7 @@ def run_tokenize(cfg: TokenizeConfig) -> Optional[Dict[str, Any]]:
                                       f"restarts {usage['restarts'][level]}")
 
     trainer = Trainer(model, optimizer, env, make_reader, cfg,
-                      resume_fingerprint(cfg, spec, cfg.train_log, env, NOT_IN_FINGERPRINT))
+                      resume_fingerprint(cfg, spec, cfg.train_log, env))
     train_start = time.perf_counter()
     steps = trainer.fit(after_epoch=validate)
     train_seconds = time.perf_counter() - train_start
@@ -147,13 +131,8 @@ def run_tokenize(cfg: TokenizeConfig) -> Optional[Dict[str, Any]]:
     write_token_store(cfg.store, parts, kind="sif",
                       token_shape=(tokenizer.num_tokens, cfg.levels), dtype="uint8",
                       metadata=metadata, overwrite=cfg.overwrite, env=env, stage=STAGE)
-    results = {
-        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-        "world_size": env.world_size, "steps": steps, "validation": history,
-        "train_seconds": train_seconds, "export_seconds": export_seconds,
-        "export_instances": exported, "total_seconds": time.perf_counter() - started,
-    }
-    if env.is_main and cfg.results:
-        with atomic_output(cfg.results, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
+    results = write_results(cfg.results, cfg, env, steps=steps, validation=history,
+                            train_seconds=train_seconds, export_seconds=export_seconds,
+                            export_instances=exported,
+                            total_seconds=time.perf_counter() - started)
     return results if env.is_main else None
