@@ -1,0 +1,232 @@
+"""DownstreamReader: a target log read as DownstreamBatch objects (histories by timestamp from
+shards, item-id histories from the exported logs, the targets' own SIF codes), checked against
+the slow-path query, the log's own columns and the SIF store; bad combinations of inputs; and a
+DLRM_SIF consuming its batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import tiny_columns, tiny_spec
+from iat_torchrec.data.downstream import DownstreamDataError, DownstreamReader
+from iat_torchrec.data.log import InstanceLogError, write_log
+from iat_torchrec.data.reader import ReaderConfig, ReadOrder
+from iat_torchrec.models.dlrm_sif import (DLRM_SIF, DLRM_SIFTrain, DLRMSIFConfig,
+                                          DownstreamBatch, HistorySource, SampleCodeLookup,
+                                          history_item_features)
+from iat_torchrec.models.hgaq import subtoken_layout
+from iat_torchrec.models.history import BSTConfig, DINConfig
+from iat_torchrec.models.mixer import SIFMixerConfig
+from iat_torchrec.tokens.assembly import (AssembleConfig, HistoryLayout, HistoryShards,
+                                          HistoryShardsError, assemble_history, query_history)
+from iat_torchrec.tokens.store import TokenStore
+
+N, USERS, D, M, V, L, K = 400, 7, 8, 2, 8, 12, 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_store(path: Path, cols, kind: str, rows=None, delay=60, shape=(D,), seed=0):
+    rng = np.random.default_rng(seed)
+    ids, users, ts, click = (np.asarray(cols[c]) for c in ("instance_id", "user_id", "ts",
+                                                           "click"))
+    rows = np.arange(ids.size) if rows is None else rows
+    meta = {} if delay is None else {"label_delay_s": delay}
+    if kind == "iat":
+        w = TokenStore.create(path, kind="iat", token_shape=shape, dtype="fp32", metadata=meta)
+        tok = rng.standard_normal((rows.size, *shape)).astype(np.float32)
+    else:
+        w = TokenStore.create(path, kind="sif", token_shape=shape, dtype="uint8", metadata=meta)
+        tok = rng.integers(0, V, (rows.size, *shape)).astype(np.uint8)
+    w.append(ids[rows], users[rows], ts[rows], click[rows], tok)
+    return w.close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("downstream")
+    spec = tiny_spec()
+    cols = tiny_columns(n=N, users=USERS)
+    log = write_log(pa.table(cols), tmp / "log", spec, row_group_size=64)
+    perm = np.random.default_rng(1).permutation(N)  # store rows in another order than the log
+    iat = make_store(tmp / "iat", cols, "iat", rows=perm)
+    t = len(subtoken_layout(spec, 32))
+    sif = make_store(tmp / "sif", cols, "sif", rows=perm[::-1], shape=(t, M), seed=2)
+    shards_path = assemble_history(AssembleConfig(
+        target_log=str(log), store=str(iat.path), output=str(tmp / "shards"), max_len=L))
+    return SimpleNamespace(tmp=tmp, spec=spec, cols=cols, log=log, iat=iat, sif=sif,
+                           shards=HistoryShards.open(shards_path), num_tokens=t,
+                           item_of={int(i): int(v) for i, v in zip(cols["instance_id"],
+                                                                     cols["item"])})
+
+
+def reader(world, k=K, order=ReadOrder.SHUFFLED, rank=0, world_size=1, batch_size=37, **kw):
+    args = dict(history=world.shards, store=world.iat, item_feature="item", item_history_len=k,
+                item_logs=[world.log], code_store=world.sif)
+    args.update(kw)
+    return DownstreamReader(world.log, world.spec, ReaderConfig(batch_size=batch_size,
+                                                                order=order, seed=3),
+                            rank, world_size, **args)
+
+
+# --------------------------------------------------------------------------- content
+@pytest.mark.parametrize("order", [ReadOrder.SHUFFLED, ReadOrder.USER])
+def test_rows_histories_items_and_codes(world, order):
+    layout = HistoryLayout(max_len=L, label_delay_s=world.spec.label_delay_s)
+    seen = []
+    for rank in range(2):
+        r = reader(world, order=order, rank=rank, world_size=2)
+        batches = list(r)
+        assert len(r) == len(batches)
+        for b in batches:
+            assert isinstance(b, DownstreamBatch)
+            assert torch.equal(b.weight, torch.ones(len(b)))
+            seen.append(b.instance_id.numpy())
+            # Histories: the slow-path query for (user, ts).
+            ref = query_history(world.iat, b.user_id.numpy(), b.ts.numpy(), layout)
+            for got, want in zip(b.history.tensors(), ref.tensors()):
+                assert torch.equal(got, want)
+            # Item history: the log's item of the last K real steps, oldest first, -1 after.
+            for i in range(len(b)):
+                rows = ref.row_ids[i][ref.mask[i]].numpy()
+                ids = world.iat.column("instance_id", rows) if rows.size else []
+                want = [world.item_of[int(x)] for x in ids][-K:]
+                want = want + [-1] * (K - len(want))
+                assert b.history_items[i].tolist() == want
+            # ... and the same ids as the sparse features hist_item_0..K-1.
+            kjt = b.sparse_features.to_dict()
+            for j, name in enumerate(history_item_features(K)):
+                real = b.history_items[:, j] >= 0
+                assert torch.equal(kjt[name].lengths(), real.long())
+                assert torch.equal(kjt[name].values(), b.history_items[real, j])
+            # Target codes: the SIF store's codes of each target.
+            want_codes = world.sif.tokens(world.sif.rows_of(b.instance_id.numpy()))
+            assert b.target_codes.shape == (len(b), world.num_tokens, M)
+            assert np.array_equal(b.target_codes.numpy(), want_codes)
+    ids = np.concatenate(seen)
+    assert ids.size == N and np.array_equal(np.sort(ids), np.sort(world.cols["instance_id"]))
+    assert (np.concatenate([b.history.length.numpy() for b in reader(world)]) > 0).any()
+
+
+def test_items_match_downstream_batch_build(world):
+    """The reader's CPU shortcut gives what DownstreamBatch.build computes from the history,
+    also when k exceeds the history length L."""
+    row_items = reader(world).row_items
+    for k in (K, L + 3):
+        for b in reader(world, k=k, batch_size=64):
+            step_items = torch.from_numpy(row_items)[b.history.row_ids.clamp(min=0)]
+            plain = dataclasses.replace(b, sparse_features=b.sparse_features)
+            built = DownstreamBatch.build(plain, history=b.history, step_items=step_items,
+                                          item_history_len=k)
+            assert torch.equal(built.history_items, b.history_items)
+
+
+def test_without_optional_inputs(world):
+    r = DownstreamReader(world.log, world.spec, ReaderConfig(batch_size=100))
+    batches = list(r)
+    assert len(batches) == len(r) == 4
+    b = batches[0]
+    assert b.history is None and b.history_items is None and b.target_codes is None
+    assert b.sparse_features.keys() == world.spec.sparse_names
+    assert torch.equal(b.as_padding().weight, torch.zeros(len(b)))
+
+
+# --------------------------------------------------------------------------- errors
+def test_shards_of_another_store_version(world):
+    other = world.tmp / "iat_v2"
+    shutil.copytree(world.iat.path, other)
+    with TokenStore.open(other).appender() as w:
+        w.append(np.array([1]), np.array([999]), np.array([5]), np.array([0]),
+                 np.zeros((1, D), np.float32))
+    with pytest.raises(HistoryShardsError, match="version"):
+        reader(world, store=TokenStore.open(other))
+
+
+def test_label_delay_mismatch(world):
+    odd = make_store(world.tmp / "iat_delay", world.cols, "iat", delay=30)
+    with pytest.raises(DownstreamDataError, match="label_delay_s=30"):
+        reader(world, store=odd)
+    spec = dataclasses.replace(world.spec, label_delay_s=30)
+    no_delay = make_store(world.tmp / "iat_nodelay", world.cols, "iat", delay=None)
+    with pytest.raises(DownstreamDataError, match="history shards assembled with label_delay"):
+        DownstreamReader(world.log, spec, history=world.shards, store=no_delay)
+
+
+def test_labels_must_exist(world, tmp_path):
+    cols = dict(world.cols)
+    cols["click"] = pa.nulls(N, pa.int8())
+    pq.write_table(pa.table(cols), tmp_path / "nolabel.parquet")
+    with pytest.raises(InstanceLogError, match="no values"):
+        DownstreamReader(tmp_path / "nolabel.parquet", world.spec)
+    cols["click"] = pa.array([None] + [1] * (N - 1), pa.int8())
+    pq.write_table(pa.table(cols), tmp_path / "somenull.parquet")
+    with pytest.raises(InstanceLogError, match="1 null value"):
+        DownstreamReader(tmp_path / "somenull.parquet", world.spec)
+    spec = dataclasses.replace(world.spec, labels=("click", "buy", "conv"))
+    with pytest.raises(InstanceLogError, match="conv"):
+        DownstreamReader(world.log, spec)
+
+
+def test_target_missing_from_code_store(world):
+    part = make_store(world.tmp / "sif_part", world.cols, "sif", rows=np.arange(N // 2),
+                      shape=(world.num_tokens, M))
+    with pytest.raises(DownstreamDataError, match="missing from the code store"):
+        list(reader(world, code_store=part, order=ReadOrder.TEMPORAL))
+    with pytest.raises(DownstreamDataError, match="SIF store"):
+        reader(world, code_store=world.iat)
+
+
+def test_item_logs_must_cover_the_store(world, tmp_path):
+    half = write_log(pa.table(world.cols).slice(0, N // 2), tmp_path / "half", world.spec)
+    with pytest.raises(DownstreamDataError, match=r"store row\(s\) have no item"):
+        reader(world, item_logs=[half])
+    cols = dict(world.cols)
+    cols["instance_id"] = np.asarray(cols["instance_id"]) + 10 ** 6
+    alien = write_log(pa.table(cols), tmp_path / "alien", world.spec)
+    with pytest.raises(DownstreamDataError, match="not in the token store"):
+        reader(world, item_logs=[world.log, alien])
+    with pytest.raises(DownstreamDataError, match="needs the history"):
+        reader(world, history=None, store=None)
+    with pytest.raises(DownstreamDataError, match="not a sparse field"):
+        reader(world, item_feature="price")
+
+
+# --------------------------------------------------------------------------- the model
+def small_config(source: str) -> DLRMSIFConfig:
+    return DLRMSIFConfig(
+        history_source=HistorySource(source), embedding_dim=8, dense_arch_layers=[16],
+        over_arch_layers=[16], mixer=SIFMixerConfig(d0=8, num_blocks=1, num_heads=2),
+        din=DINConfig(), bst=BSTConfig(num_heads=2), item_feature="item", item_history_len=K,
+        gap_vocab_size=HistoryLayout().gap_vocab_size)
+
+
+@pytest.mark.parametrize("source", ["din", "sif_codes"])
+def test_dlrm_sif_consumes_reader_batches(world, source):
+    torch.manual_seed(0)
+    cfg = small_config(source)
+    kw = {}
+    if source == "sif_codes":
+        kw = dict(code_lookup=SampleCodeLookup.from_store(world.sif, rows_like=world.iat),
+                  codebooks=torch.randn(world.num_tokens, M, V, 8) * 0.3)
+    model = DLRM_SIF(world.spec, cfg, **kw)
+    b = next(iter(reader(world, k=K if source == "din" else 0, batch_size=64)))
+    logits = model(b.dense_features, b.sparse_features, b.history, b.target_codes)
+    assert logits.shape == (64, len(world.spec.labels)) and torch.isfinite(logits).all()
+    loss, _ = DLRM_SIFTrain(model)(b)
+    assert torch.isfinite(loss)
+    loss.backward()
