@@ -130,3 +130,33 @@ def test_context_cache_keeps_the_last_tokens():
     restored = UserContextCache(0)
     restored.load_state_dict(cache.state_dict())
     assert restored.size == 3 and torch.equal(restored.tokens[7], cache.tokens[7])
+
+
+def test_every_pass_starts_without_context(tmp_path):
+    """A second pass must not see the user's later tokens, left from the first, as context."""
+    from iat_torchrec.config import parse_config
+    from iat_torchrec.stages import compress
+
+    seen = []
+    original = compress.Trainer.fit
+
+    def spy(self, after_epoch=None, before_epoch=None):
+        def check(epoch):
+            before_epoch(epoch)
+            seen.append(len(cache_of(self).tokens))
+        return original(self, after_epoch=after_epoch, before_epoch=check)
+
+    def cache_of(trainer):
+        return trainer.model.module.objective.cache
+
+    path = write_log(pa.table(tiny_columns(n=300, users=5)), tmp_path / "log", tiny_spec())
+    cfg = parse_config(compress.CompressConfig, [
+        "--train_log", str(path), "--store", str(tmp_path / "store"), "--scheme", "user",
+        "--two_pass", "--epochs", "2", "--batch_size", "64", "--token_dim", "16",
+        "--sit_heads", "2", "--log_every", "0"])
+    compress.Trainer.fit = spy
+    try:
+        compress.run_compress(cfg)
+    finally:
+        compress.Trainer.fit = original
+    assert seen == [0, 0]

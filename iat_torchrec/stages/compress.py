@@ -109,7 +109,9 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
                       rank_state=(lambda: {"cache": cache.state_dict()},
                                   lambda s: cache.load_state_dict(s["cache"])))
     train_start = time.perf_counter()
-    steps = trainer.fit(after_epoch=validate)
+    # Every pass reads each user's history from its start: context left from the previous pass
+    # would put the user's later tokens in front of the earlier ones.
+    steps = trainer.fit(after_epoch=validate, before_epoch=lambda epoch: cache.tokens.clear())
     train_seconds = time.perf_counter() - train_start
 
     export_start = time.perf_counter()

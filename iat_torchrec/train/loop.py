@@ -99,8 +99,12 @@ class Trainer:
         self.get_rank_state, self.set_rank_state = rank_state or (dict, lambda s: None)
         self.pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
 
-    def fit(self, after_epoch: Optional[Callable[[int], None]] = None) -> int:
-        """Train all epochs (resuming if a checkpoint exists); returns the global step."""
+    def fit(self, after_epoch: Optional[Callable[[int], None]] = None,
+            before_epoch: Optional[Callable[[int], None]] = None) -> int:
+        """Train all epochs (resuming if a checkpoint exists); returns the global step.
+
+        ``before_epoch(epoch)`` runs when an epoch starts from its first batch (not when a run
+        resumes in the middle of one); ``after_epoch(epoch)`` when it ends."""
         cfg = self.config
         epoch, skip, step = 0, 0, 0
         ckpt = latest_checkpoint(Path(cfg.checkpoint_dir)) if cfg.checkpoint_dir else None
@@ -113,6 +117,8 @@ class Trainer:
             if self.env.is_main:
                 print(f"[train] resumed from {ckpt} (epoch {epoch}, step {step})", flush=True)
         while epoch < cfg.epochs:
+            if skip == 0 and before_epoch is not None:
+                before_epoch(epoch)
             reader = self.make_reader(epoch)
             total = all_equal_batches(len(reader), self.env)
             batches = itertools.islice(padded(reader, total), skip, None)
