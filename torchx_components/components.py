@@ -296,3 +296,127 @@ def tokenize(
     config.check()
     return ddp(*config_to_args(config), script="apps/tokenize_samples.py", image=image,
                name="iat-tokenize", j=j, cpu=cpu, gpu=gpu, memMB=memMB)
+
+
+def train(
+    train_log: str,
+    valid_log: str,
+    test_log: str = "",
+    history_source: str = "none",
+    interaction: str = "mixer",
+    iat_store: str = "",
+    sif_store: str = "",
+    train_history: str = "",
+    valid_history: str = "",
+    test_history: str = "",
+    item_logs: Optional[List[str]] = None,
+    token_dim: int = 0,
+    results: str = "",
+    embedding_dim: int = 16,
+    dense_arch_layers: Optional[List[int]] = None,
+    over_arch_layers: Optional[List[int]] = None,
+    item_feature: str = "",
+    item_history_len: int = 50,
+    iat_item_branch: str = "bst",
+    d0: int = 16,
+    num_blocks: int = 4,
+    num_heads: int = 2,
+    alignment_weight: float = 0.25,
+    bst_layers: int = 1,
+    bst_heads: int = 2,
+    din_attention_layers: Optional[List[int]] = None,
+    iat_adapt_dim: int = 64,
+    iat_side_dim: int = 64,
+    iat_layers: int = 2,
+    iat_heads: int = 4,
+    epochs: int = 1,
+    batch_size: int = 1024,
+    log_every: int = 100,
+    checkpoint_dir: str = "",
+    checkpoint_every: int = 0,
+    seed: int = 0,
+    device: str = "cpu",
+    sharding_types: Optional[List[str]] = None,
+    uvm_caching: bool = False,
+    sparse_lr: float = 0.05,
+    dense_lr: float = 1e-3,
+    image: str = torchx.IMAGE,
+    j: str = "1x2",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+) -> specs.AppDef:
+    """Train the downstream model (DLRM_SIF) on N processes, validate each epoch, test
+    (apps/train.py).
+
+    Args:
+        train_log: target log the model is trained on (required)
+        valid_log: later target log, evaluated after each epoch; selects the epoch (required)
+        test_log: target log evaluated after each epoch; the best valid epoch's is reported
+        history_source: none | din | bst | iat | sif_codes | sif_iat | sif_both
+        interaction: mixer (SIF-Mixer) | dot (TorchRec DLRM's); SIF sources need mixer
+        iat_store: IAT token store holding every instance of the histories
+        sif_store: SIF code store: history codes and the targets' codes
+        train_history: history shards of train_log (assembled on the IAT store, else the SIF one)
+        valid_history: history shards of valid_log (same store)
+        test_history: history shards of test_log (same store)
+        item_logs: logs exported into the history store (default: the store's exported_logs)
+        token_dim: IAT token width the model expects (0: the IAT store's)
+        results: JSON file for the run's metrics and timings (optional)
+        embedding_dim: D: width of every table, the dense embedding and branch tokens
+        dense_arch_layers: hidden sizes of the dense arch
+        over_arch_layers: hidden sizes of the over arch
+        item_feature: the target's item-id field (item-id history)
+        item_history_len: k: length of the item-id history
+        iat_item_branch: hand-crafted branch kept beside the IAT branch: bst | din | none
+        d0: SIF-Mixer token size
+        num_blocks: SIF-Mixer blocks
+        num_heads: SIF-Mixer attention heads
+        alignment_weight: weight of L_align
+        bst_layers: BST Transformer blocks
+        bst_heads: BST attention heads
+        din_attention_layers: DIN activation unit sizes
+        iat_adapt_dim: IAT branch: adaptation MLP width
+        iat_side_dim: IAT branch: side-information width
+        iat_layers: IAT branch: Transformer blocks
+        iat_heads: IAT branch: attention heads
+        epochs: passes over the train log
+        batch_size: rows per process step
+        log_every: steps between log lines
+        checkpoint_dir: where checkpoints go; a run resumes from the latest one there
+        checkpoint_every: steps between checkpoints (0: only at the end of training)
+        seed: seed of initial weights and of the shuffled order
+        device: cpu or cuda
+        sharding_types: sharding types the planner may use (empty: those that keep rows whole)
+        uvm_caching: CUDA: keep tables in host memory with an HBM cache
+        sparse_lr: learning rate of the fused row-wise Adagrad on the tables
+        dense_lr: learning rate of Adam on the dense parameters
+        image: image (local_cwd: the working directory)
+        j: {nnodes}x{nproc_per_node}
+        cpu: CPUs per process
+        gpu: GPUs per process (use 1 with --device cuda)
+        memMB: memory per process in MB
+    """
+    from iat_torchrec.stages.train import TrainDownstreamConfig, model_config
+
+    defaults = TrainDownstreamConfig()
+    config = TrainDownstreamConfig(
+        train_log=train_log, valid_log=valid_log, test_log=test_log,
+        history_source=history_source, interaction=interaction, iat_store=iat_store,
+        sif_store=sif_store, train_history=train_history, valid_history=valid_history,
+        test_history=test_history, item_logs=list(item_logs or []), token_dim=token_dim,
+        results=results, embedding_dim=embedding_dim,
+        dense_arch_layers=list(dense_arch_layers or defaults.dense_arch_layers),
+        over_arch_layers=list(over_arch_layers or defaults.over_arch_layers),
+        item_feature=item_feature, item_history_len=item_history_len,
+        iat_item_branch=iat_item_branch, d0=d0, num_blocks=num_blocks, num_heads=num_heads,
+        alignment_weight=alignment_weight, bst_layers=bst_layers, bst_heads=bst_heads,
+        din_attention_layers=list(din_attention_layers or defaults.din_attention_layers),
+        iat_adapt_dim=iat_adapt_dim, iat_side_dim=iat_side_dim, iat_layers=iat_layers,
+        iat_heads=iat_heads, epochs=epochs, batch_size=batch_size, log_every=log_every,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, seed=seed,
+        device=device, sharding_types=list(sharding_types or []), uvm_caching=uvm_caching,
+        sparse_lr=sparse_lr, dense_lr=dense_lr)
+    model_config(config)  # the model's sizes are checked here, before anything is launched
+    return ddp(*config_to_args(config), script="apps/train.py", image=image,
+               name="iat-train", j=j, cpu=cpu, gpu=gpu, memMB=memMB)

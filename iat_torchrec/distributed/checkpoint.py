@@ -14,11 +14,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch import nn
 from torch.optim import Optimizer
 
@@ -96,15 +97,36 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Optimizer,
             f"{path}: checkpoint was made by {meta['world_size']} processes, this run has "
             f"{env.world_size}; an exact resume needs the same data partition")
     # Optimizer state is created lazily on the first step: materialise it (a zero-gradient
-    # step that moves nothing) so that DCP has tensors to load into.
+    # step that moves nothing) so that DCP has tensors to load into. Parameters that never had
+    # a gradient had no state when the checkpoint was saved: theirs stays as materialised (the
+    # optimizer skips parameters without gradients, so it changes nothing). Anything else
+    # missing from the checkpoint is an error.
     optimizer.init_state()
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    missing = [k for k in _flat_keys(state) if k not in saved]
+    if any(not k.startswith("optim.state.") for k in missing):
+        raise CheckpointMismatchError(f"{path}: checkpoint lacks "
+                                      f"{[k for k in missing if not k.startswith('optim.state.')][:5]}")
+    dcp.load(state, checkpoint_id=str(path),
+             planner=DefaultLoadPlanner(allow_partial_load=bool(missing)))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     rank_state = torch.load(Path(path) / f"rank{env.rank}.pt", weights_only=False)
     torch.set_rng_state(rank_state.pop("rng"))
     return {"position": meta["position"], "rank_state": rank_state}
+
+
+def _flat_keys(state: Dict[str, Any], prefix: str = "") -> List[str]:
+    """DCP's flattened keys of a nested state dict (dicts joined by dots)."""
+    keys: List[str] = []
+    for k, v in state.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            keys += _flat_keys(v, f"{name}.")
+        else:
+            keys.append(name)
+    return keys
 
 
 def _barrier(env: DistEnv) -> None:

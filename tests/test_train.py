@@ -1,0 +1,174 @@
+"""Stage 3 end to end on tiny data: compress -> assemble -> train for the history sources none
+(TorchRec's DLRM), din and iat; results JSON; resume; bad inputs refused before training."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+from torchx.runner import get_runner
+from torchx.specs import AppState
+
+import test_components
+from iat_torchrec.config import parse_config
+from iat_torchrec.data.log import InstanceLogError, log_files
+from iat_torchrec.data.prepare import DataConfig, prepare_data
+from iat_torchrec.stages import train as train_stage
+from iat_torchrec.stages.compress import CompressConfig, run_compress
+from iat_torchrec.stages.train import TrainDownstreamConfig, TrainInputError, run_train
+from iat_torchrec.tokens.assembly import AssembleConfig, HistoryShardsError, assemble_history
+from torchx_components import components
+
+SMALL_SOURCE = ["--scheme", "temporal", "--token_dim", "8", "--dense_arch_layers", "16", "8",
+                "--decompress_layers", "16", "--cross_rank", "4", "--sit_heads", "2",
+                "--sit_context", "4", "--log_every", "0", "--token_dtype", "fp32",
+                "--batch_size", "512"]
+SMALL_MODEL = ["--embedding_dim", "8", "--dense_arch_layers", "16", "--over_arch_layers", "16",
+               "8", "--d0", "8", "--num_blocks", "1", "--num_heads", "2", "--item_feature",
+               "item_id", "--item_history_len", "8", "--din_attention_layers", "16",
+               "--iat_adapt_dim", "8", "--iat_side_dim", "8", "--iat_layers", "1",
+               "--iat_heads", "2", "--batch_size", "256", "--log_every", "0"]
+METRICS = ("auc", "gauc", "logloss")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Synthetic splits, an IAT store over all three, and history shards of each split."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the test machine is shared
+    root = tmp_path_factory.mktemp("train")
+    splits = prepare_data(DataConfig(num_users=150, num_items=100, num_instances=4_000,
+                                     num_sparse_fields=8, num_dense_fields=3,
+                                     data_dir=str(root / "data"))).splits
+    store = root / "iat"
+    run_compress(parse_config(CompressConfig, [
+        "--train_log", str(splits["train"]), "--store", str(store), "--export_logs",
+        *(str(splits[s]) for s in ("train", "valid", "test")), *SMALL_SOURCE]))
+    history = {s: assemble_history(AssembleConfig(target_log=str(splits[s]), store=str(store),
+                                                  output=str(root / f"hist_{s}"), max_len=16))
+               for s in ("train", "valid", "test")}
+    yield {"root": root, "splits": splits, "store": store, "history": history}
+    torch.set_num_threads(threads)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _args(world, source: str, *extra: str) -> list:
+    s, h = world["splits"], world["history"]
+    args = ["--train_log", str(s["train"]), "--valid_log", str(s["valid"]), "--test_log",
+            str(s["test"]), "--history_source", source, *SMALL_MODEL]
+    if source != "none":
+        args += ["--iat_store", str(world["store"]), "--train_history", str(h["train"]),
+                 "--valid_history", str(h["valid"]), "--test_history", str(h["test"])]
+    return args + list(extra)
+
+
+@pytest.mark.parametrize("source, interaction", [("none", "dot"), ("din", "mixer"),
+                                                 ("iat", "mixer")])
+def test_sources_train_and_report_valid_and_test(world, tmp_path, source, interaction):
+    out = tmp_path / "results.json"
+    got = run_train(parse_config(TrainDownstreamConfig, _args(
+        world, source, "--interaction", interaction, "--results", str(out))))
+    saved = json.loads(out.read_text())
+    assert saved["best_epoch"] == 0 and saved["steps"] == got["steps"] > 0
+    for split in ("valid", "test"):
+        m = saved[split]["click"]
+        assert all(math.isfinite(m[k]) for k in METRICS), m
+        assert 0.0 <= m["auc"] <= 1.0 and m["count"] > 0
+    assert saved["config"]["history_source"] == source
+    print(f"{source}/{interaction}: valid auc {saved['valid']['click']['auc']:.4f} gauc "
+          f"{saved['valid']['click']['gauc']:.4f}  test auc {saved['test']['click']['auc']:.4f} "
+          f"gauc {saved['test']['click']['gauc']:.4f} logloss "
+          f"{saved['test']['click']['logloss']:.4f}")
+
+
+def test_two_processes_through_the_component_match_one(world, tmp_path, monkeypatch):
+    """dist.ddp -> torchrun, 2 gloo processes with half the batch each: the same metrics."""
+    one = run_train(parse_config(TrainDownstreamConfig, _args(world, "din")))
+    s, h = world["splits"], world["history"]
+    app = components.train(
+        train_log=str(s["train"]), valid_log=str(s["valid"]), test_log=str(s["test"]),
+        history_source="din", iat_store=str(world["store"]), train_history=str(h["train"]),
+        valid_history=str(h["valid"]), test_history=str(h["test"]), embedding_dim=8,
+        dense_arch_layers=[16], over_arch_layers=[16, 8], d0=8, num_blocks=1, num_heads=2,
+        item_feature="item_id", item_history_len=8, din_attention_layers=[16], batch_size=128,
+        log_every=0, results=str(tmp_path / "two.json"), j="1x2")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    with get_runner() as runner:
+        handle = runner.run(app, scheduler="local_cwd",
+                            cfg={"log_dir": str(tmp_path / "logs"), "prepend_cwd": True})
+        status = runner.wait(handle, wait_interval=1)
+    assert status.state == AppState.SUCCEEDED, status
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world_size"] == 2
+    for split in ("valid", "test"):
+        for k in METRICS:
+            assert abs(two[split]["click"][k] - one[split]["click"][k]) < 1e-4, (split, k)
+
+
+def test_resume_keeps_the_epochs_and_their_selection(world, tmp_path):
+    # The mixer without SIF history rows leaves its recency / side embeddings without a
+    # gradient (and without optimizer state): the resume must cope with that.
+    ck = ["--checkpoint_dir", str(tmp_path / "ck"), "--interaction", "mixer"]
+    first = run_train(parse_config(TrainDownstreamConfig, _args(world, "none", *ck)))
+    assert [e["epoch"] for e in first["epochs"]] == [0]
+    again = run_train(parse_config(TrainDownstreamConfig,
+                                   _args(world, "none", "--epochs", "2", *ck)))
+    assert [e["epoch"] for e in again["epochs"]] == [0, 1]
+    assert again["epochs"][0] == first["epochs"][0]  # restored from the checkpoint
+    assert again["steps"] == 2 * first["steps"]
+
+
+def test_bad_inputs_are_refused_before_training(world, tmp_path, monkeypatch):
+    s = world["splits"]
+    other = tmp_path / "other_store"
+    run_compress(parse_config(CompressConfig, [
+        "--train_log", str(s["train"]), "--store", str(other), "--export_logs",
+        str(s["train"]), str(s["valid"]), *SMALL_SOURCE]))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built: the bad input was not refused up front")
+
+    monkeypatch.setattr(train_stage, "build_sharded", no_model)
+    monkeypatch.setattr(train_stage, "init_process_group", no_model)
+    # History shards assembled on another store (its time index differs: no test rows).
+    with pytest.raises(HistoryShardsError, match="re-run apps/assemble.py"):
+        run_train(parse_config(TrainDownstreamConfig, _args(world, "iat", "--iat_store",
+                                                            str(other))))
+    # Token width the model does not expect.
+    with pytest.raises(TrainInputError, match="8 wide.*--token_dim 16"):
+        run_train(parse_config(TrainDownstreamConfig, _args(world, "iat", "--token_dim",
+                                                            "16")))
+    # A store of the wrong kind.
+    with pytest.raises(TrainInputError, match="must be a 'sif' store"):
+        run_train(parse_config(TrainDownstreamConfig, _args(world, "sif_codes", "--sif_store",
+                                                            str(world["store"]))))
+    # A target log without labels.
+    nolabel = tmp_path / "nolabel"
+    shutil.copytree(s["test"], nolabel)
+    for f in log_files(nolabel):
+        table = pq.read_table(f)
+        pq.write_table(table.drop_columns(["click"]), f)
+    with pytest.raises(InstanceLogError, match="missing label column"):
+        run_train(parse_config(TrainDownstreamConfig, _args(world, "none", "--test_log",
+                                                            str(nolabel))))
+    for f in log_files(nolabel):
+        table = pq.read_table(f)
+        pq.write_table(table.append_column("click", pa.nulls(table.num_rows, pa.int8())), f)
+    with pytest.raises(InstanceLogError, match="all null"):
+        run_train(parse_config(TrainDownstreamConfig, _args(world, "none", "--test_log",
+                                                            str(nolabel))))
+
+
+def test_component_arguments_are_the_config_fields():
+    test_components.test_component_arguments_are_the_config_fields(components.train,
+                                                                    TrainDownstreamConfig)
