@@ -17,6 +17,7 @@ import pytest
 from iat_torchrec.data.prepare import DataConfig
 from iat_torchrec.stages.compress import CompressConfig
 from iat_torchrec.stages.tokenize import TokenizeConfig
+from iat_torchrec.stages.train import TrainDownstreamConfig
 from iat_torchrec.tokens.assembly import AssembleConfig
 from torchx_components import components
 
@@ -28,6 +29,7 @@ RESOURCE_ARGS = {"image", "cpu", "gpu", "memMB", "h", "j"}
     (components.compress, CompressConfig),
     (components.tokenize, TokenizeConfig),
     (components.assemble, AssembleConfig),
+    (components.train, TrainDownstreamConfig),
 ])
 def test_component_arguments_are_the_config_fields(component, config):
     params = inspect.signature(component).parameters

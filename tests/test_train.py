@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torchx.runner import get_runner
 from torchx.specs import AppState
 
-import test_components
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.log import InstanceLogError, log_files
 from iat_torchrec.data.prepare import DataConfig, prepare_data
@@ -168,7 +167,3 @@ def test_bad_inputs_are_refused_before_training(world, tmp_path, monkeypatch):
         run_train(parse_config(TrainDownstreamConfig, _args(world, "none", "--test_log",
                                                             str(nolabel))))
 
-
-def test_component_arguments_are_the_config_fields():
-    test_components.test_component_arguments_are_the_config_fields(components.train,
-                                                                    TrainDownstreamConfig)
