@@ -19,14 +19,13 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from iat_torchrec.config import parse_config  # noqa: E402
-from iat_torchrec.data.movielens import MovieLensConfig, import_movielens  # noqa: E402
+from iat_torchrec.data.movielens import (  # noqa: E402
+    MovieLensConfig, import_movielens, resolve_source)
 
 
 def main(argv=None) -> int:
     cfg = parse_config(MovieLensConfig, argv)
-    source = Path(cfg.source)
-    if not source.is_absolute() and not source.exists() and (REPO_ROOT / source).exists():
-        cfg.source = str((REPO_ROOT / source).resolve())
+    cfg.source = str(resolve_source(cfg.source))
     t0 = time.perf_counter()
     summary = import_movielens(**dataclasses.asdict(cfg))
     print(summary.format())

@@ -234,10 +234,7 @@ def _read_ml1m(d: Path) -> _Raw:
                            column_types={"userId": _INT, "gender": _STR, "age": _INT,
                                          "occupation": _INT, "zip": _STR},
                            encoding="latin-1", quoting=False)
-        raw.users = {"user": _np(u, "userId"), "gender": u["gender"].combine_chunks(),
-                     "age": _age_group_ids(_np(u, "age"), bucket=False),
-                     "occupation": u["occupation"].combine_chunks(),
-                     "zip": u["zip"].combine_chunks()}
+        raw.users = _user_attributes(u, bucket_age=False)
     tp = d / "tags.dat"
     if tp.is_file():
         t = read_delimited(tp, delimiter="::", column_names=["userId", "movieId", "tag",
@@ -280,11 +277,25 @@ def _read_ml100k(d: Path) -> _Raw:
                            column_types={"userId": _INT, "age": _INT, "gender": _STR,
                                          "occupation": _STR, "zip": _STR},
                            encoding="latin-1", quoting=False)
-        raw.users = {"user": _np(u, "userId"), "gender": u["gender"].combine_chunks(),
-                     "age": _age_group_ids(_np(u, "age"), bucket=True),
-                     "occupation": u["occupation"].combine_chunks(),
-                     "zip": u["zip"].combine_chunks()}
+        raw.users = _user_attributes(u, bucket_age=True)
     return raw
+
+
+def _user_attributes(u: pa.Table, bucket_age: bool) -> Dict[str, object]:
+    """The user table of a classic format as id, gender, age group, occupation and zip."""
+    return {"user": _np(u, "userId"), "gender": u["gender"].combine_chunks(),
+            "age": _age_group_ids(_np(u, "age"), bucket=bucket_age),
+            "occupation": u["occupation"].combine_chunks(), "zip": u["zip"].combine_chunks()}
+
+
+def resolve_source(path: PathLike) -> Path:
+    """A relative source directory is tried from the working directory, then from the
+    repository root (where ``../shared/data`` is meant)."""
+    p = Path(path)
+    root = Path(__file__).resolve().parents[2]
+    if not p.is_absolute() and not p.exists() and (root / p).exists():
+        return (root / p).resolve()
+    return p
 
 
 def _age_group_ids(age: np.ndarray, bucket: bool) -> np.ndarray:

@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Dict
 
 from iat_torchrec.data.log import LogSummary, read_provenance, validate_log
-from iat_torchrec.data.movielens import DEFAULT_SOURCE, import_movielens
+from iat_torchrec.data.movielens import DEFAULT_SOURCE, import_movielens, resolve_source
 from iat_torchrec.data.splits import SPLIT_MANIFEST, SPLIT_NAMES, SplitMethod, split_log
 from iat_torchrec.data.synthetic import SyntheticConfig, generate, provenance
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass
@@ -85,14 +83,6 @@ def _digest(obj: object) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _resolve_source(path: str) -> Path:
-    """A relative MovieLens path is tried from the working directory, then the repo root."""
-    p = Path(path)
-    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
-        return REPO_ROOT / p
-    return p
-
-
 def _synthetic_log(cfg: DataConfig, data_dir: Path) -> Path:
     config = SyntheticConfig(num_users=cfg.num_users, num_items=cfg.num_items,
                              num_instances=cfg.num_instances,
@@ -108,7 +98,7 @@ def _synthetic_log(cfg: DataConfig, data_dir: Path) -> Path:
 
 
 def _movielens_log(cfg: DataConfig, data_dir: Path) -> Path:
-    source = _resolve_source(cfg.movielens_source).resolve()
+    source = resolve_source(cfg.movielens_source).resolve()
     out = data_dir / f"movielens-{source.name}-{_digest(str(source))}" / "log"
     prov = read_provenance(out) if out.exists() else None
     if prov is not None and prov.get("path") == str(source):
