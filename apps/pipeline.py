@@ -1,30 +1,49 @@
-"""The main job: the whole pipeline on the built-in default data, printing its results.
+"""The main job: the whole pipeline, every stage a TorchX job, ending with the comparison table.
 
-    python apps/pipeline.py                        # synthetic default data
-    python apps/pipeline.py --dataset movielens    # ml-latest-small
-    python apps/pipeline.py --dataset path/to/log  # your own instance log + feature_spec.json
+    python apps/pipeline.py                               # built-in synthetic default, 2 procs
+    python apps/pipeline.py --dataset movielens           # ml-latest-small
+    python apps/pipeline.py --dataset path/to/log         # your instance log + feature_spec.json
+    python apps/pipeline.py --dataset synthetic movielens --run_dir outputs/both
 
-Stages so far: data (generate or import, validate, split in time). Every flag is a field of
-:class:`iat_torchrec.data.prepare.DataConfig` (``--help``).
+Stages (each through ``torchx_components/components.py`` on ``--scheduler``, default
+``local_cwd``): data (make / import, validate, split in time) -> per seed: IAT source models
+(temporal, user order) and the HGAQ tokenizer, trained on the train split only, exporting every
+split -> history assembly -> one downstream training per variant -> evaluation: test AUC, GAUC
+and logloss (mean +- std over seeds, gains over DLRM+BST) in ``<run_dir>/results.{md,csv}``,
+``results.png`` and ``summary.json``; each stage's log in ``<run_dir>/logs/``. A re-run skips
+the stages whose outputs exist and whose inputs are unchanged, so a run that failed or was
+killed resumes where it stopped. Every flag is a field of
+:class:`iat_torchrec.pipeline.plan.PipelineConfig` (``--help``).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
 
 from iat_torchrec.config import parse_config
-from iat_torchrec.data.prepare import DataConfig, prepare_data
+from iat_torchrec.pipeline.plan import PipelineConfig
+from iat_torchrec.pipeline.runner import StageFailed, run_pipeline
+
+
+def _log(msg: str) -> None:
+    print(f"[pipeline] {msg}", flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    cfg = parse_config(DataConfig, argv)
+    cfg = parse_config(PipelineConfig, argv)
+    run_dir = Path(cfg.run_dir).resolve()
     start = time.perf_counter()
-    prepared = prepare_data(cfg)
-    print()
-    print(prepared.format())
-    print(f"\npipeline finished in {time.perf_counter() - start:.1f} s")
+    try:
+        run_pipeline(cfg, log=_log)
+    except StageFailed as e:
+        print(f"\n[pipeline] {e}", file=sys.stderr, flush=True)
+        return 1
+    print("\n" + (run_dir / "results.md").read_text(), flush=True)
+    _log(f"finished in {time.perf_counter() - start:.0f} s; table, plot, summary and per-stage "
+         f"logs in {run_dir}/")
     return 0
 
 

@@ -420,3 +420,26 @@ def train(
     model_config(config)  # the model's sizes are checked here, before anything is launched
     return ddp(*config_to_args(config), script="apps/train.py", image=image,
                name="iat-train", j=j, cpu=cpu, gpu=gpu, memMB=memMB)
+
+
+def evaluate(
+    runs: str,
+    out_dir: str = "",
+    image: str = torchx.IMAGE,
+    cpu: int = 1,
+    memMB: int = 2048,
+) -> specs.AppDef:
+    """Gather the downstream runs into the comparison table, plot and summary (apps/evaluate.py).
+
+    Args:
+        runs: index of the runs (runs.json, written by apps/pipeline.py)
+        out_dir: where results.{md,csv,png} and summary.json go (default: the index's folder)
+        image: image (local_cwd: the working directory)
+        cpu: CPUs
+        memMB: memory in MB
+    """
+    from iat_torchrec.pipeline.report import EvaluateConfig
+
+    config = EvaluateConfig(runs=runs, out_dir=out_dir)
+    return python(*config_to_args(config), script="apps/evaluate.py", image=image,
+                  name="iat-evaluate", cpu=cpu, memMB=memMB)

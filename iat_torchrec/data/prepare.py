@@ -83,13 +83,51 @@ def _digest(obj: object) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _synthetic_log(cfg: DataConfig, data_dir: Path) -> Path:
-    config = SyntheticConfig(num_users=cfg.num_users, num_items=cfg.num_items,
-                             num_instances=cfg.num_instances,
-                             num_sparse_fields=cfg.num_sparse_fields,
-                             num_dense_fields=cfg.num_dense_fields, seed=cfg.seed)
-    expected = json.loads(json.dumps(provenance(config)))
-    out = data_dir / f"synthetic-{_digest(expected)}" / "log"
+def _synthetic_config(cfg: DataConfig) -> SyntheticConfig:
+    return SyntheticConfig(num_users=cfg.num_users, num_items=cfg.num_items,
+                           num_instances=cfg.num_instances,
+                           num_sparse_fields=cfg.num_sparse_fields,
+                           num_dense_fields=cfg.num_dense_fields, seed=cfg.seed)
+
+
+def _synthetic_provenance(cfg: DataConfig) -> dict:
+    return json.loads(json.dumps(provenance(_synthetic_config(cfg))))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPaths:
+    """Where :func:`prepare_data` puts (or finds) a dataset's log and splits."""
+
+    name: str
+    log: Path
+    splits: Dict[str, Path]
+
+
+def data_paths(cfg: DataConfig) -> DataPaths:
+    """The paths :func:`prepare_data` writes for ``cfg``, without doing any work."""
+    data_dir = Path(cfg.data_dir)
+    if cfg.dataset == "synthetic":
+        name = "synthetic"
+        log = data_dir / f"synthetic-{_digest(_synthetic_provenance(cfg))}" / "log"
+        folder = log.parent
+    elif cfg.dataset == "movielens":
+        name = "movielens"
+        source = resolve_source(cfg.movielens_source).resolve()
+        log = data_dir / f"movielens-{source.name}-{_digest(str(source))}" / "log"
+        folder = log.parent
+    else:
+        log = Path(cfg.dataset).resolve()
+        name = log.stem
+        folder = data_dir / f"{name}-{_digest(str(log))}"
+    params = {"method": _split_method(cfg).value, "train_fraction": cfg.train_fraction,
+              "valid_fraction": cfg.valid_fraction}
+    out = folder / f"splits-{_digest(params)}"
+    return DataPaths(name=name, log=log, splits={k: out / k for k in SPLIT_NAMES})
+
+
+def _synthetic_log(cfg: DataConfig, out: Path) -> Path:
+    config = _synthetic_config(cfg)
+    expected = _synthetic_provenance(cfg)
     if out.exists() and read_provenance(out) == expected:
         _log(f"reusing {out}")
         return out
@@ -97,9 +135,8 @@ def _synthetic_log(cfg: DataConfig, data_dir: Path) -> Path:
     return generate(config, out, overwrite=out.exists())
 
 
-def _movielens_log(cfg: DataConfig, data_dir: Path) -> Path:
+def _movielens_log(cfg: DataConfig, out: Path) -> Path:
     source = resolve_source(cfg.movielens_source).resolve()
-    out = data_dir / f"movielens-{source.name}-{_digest(str(source))}" / "log"
     prov = read_provenance(out) if out.exists() else None
     if prov is not None and prov.get("path") == str(source):
         _log(f"reusing {out}")
@@ -121,23 +158,16 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     Each dataset gets a folder under ``cfg.data_dir``: the made or imported log in ``log/``
     (a user's own log stays where it is) and each split in ``splits-<parameters digest>/``.
     """
-    data_dir = Path(cfg.data_dir)
+    paths = data_paths(cfg)
+    name, log = paths.name, paths.log
     if cfg.dataset == "synthetic":
-        log, name = _synthetic_log(cfg, data_dir), "synthetic"
-        folder = log.parent
+        _synthetic_log(cfg, log)
     elif cfg.dataset == "movielens":
-        log, name = _movielens_log(cfg, data_dir), "movielens"
-        folder = log.parent
-    else:
-        log = Path(cfg.dataset).resolve()
-        name = log.stem
-        folder = data_dir / f"{name}-{_digest(str(log))}"
+        _movielens_log(cfg, log)
     _log(f"validating {log}")
     summary = validate_log(log)
     method = _split_method(cfg)
-    params = {"method": method.value, "train_fraction": cfg.train_fraction,
-              "valid_fraction": cfg.valid_fraction}
-    out = folder / f"splits-{_digest(params)}"
+    out = paths.splits["train"].parent
     manifest = out / SPLIT_MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text()).get("source") == str(log):
         _log(f"reusing {out}")
@@ -146,6 +176,5 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
         _log(f"splitting ({method.value}) into {out}")
         split_summaries = split_log(log, out, method=method, train_fraction=cfg.train_fraction,
                                     valid_fraction=cfg.valid_fraction, overwrite=out.exists())
-    return PreparedData(name=name, log=log, summary=summary,
-                        splits={k: out / k for k in SPLIT_NAMES},
+    return PreparedData(name=name, log=log, summary=summary, splits=dict(paths.splits),
                         split_summaries=split_summaries, split_method=method)

@@ -1,0 +1,268 @@
+"""Benchmark: downstream training samples/s of DLRM_SIF with a history of L steps, against DLRM.
+
+    python apps/bench_downstream.py [--device cpu|cuda] [--lengths 64 256] [--batch_size 256]
+                                    [--threads 0]
+
+Times, in the same run and on the same device, training steps (forward, backward, optimizer) of
+``DLRM_SIFTrain(DLRM_SIF(...))`` for
+
+- the reference: **DLRM, no history** (history source ``none``, dot interaction: TorchRec's DLRM);
+- at each history length L: **DLRM+DIN** and **DLRM+BST** (item-id history of the last k = L
+  steps, or ``--item_history_len`` k), **IAT** (``iat``: IAT tokens through the IAT branch, beside
+  the BST item branch as the library builds it), all with the dot interaction; **SIF** (HGAQ codes
+  through the SIF-Mixer, ``sif_codes``) and **SIF over IAT tokens** (``sif_iat``), with L_align.
+
+The model is built and trained the way ``apps/train.py`` does (``run_train``): the flat
+``TrainDownstreamConfig`` defaults mapped by ``model_config``, sharded by ``build_sharded``
+(tables on the meta device, DistributedModelParallel in a one-process gloo / nccl group, fused
+row-wise Adagrad on the tables, Adam on the rest) and stepped by ``TrainPipelineSparseDist``.
+
+Inputs are synthetic and built once, in a temporary folder: a generated instance log (26 sparse
+fields of dim 16, 13 dense), ``num_batches`` batches of it cycled; an IAT token store of
+``store_rows`` random tokens (``InstanceTokenLookup``), random HGAQ codes of the same rows
+(``SampleCodeLookup``) and random codebooks; per batch a random history of exactly L real steps
+(store rows, matured labels, gap buckets) and random items. Per model, ``warmup`` steps are not
+timed; then the models take turns running ``steps`` steps, ``repeats`` times, and the best turn
+is kept. Samples/s = batch_size / seconds per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from iat_torchrec.config import parse_config
+from iat_torchrec.data.batch import InstanceBatch
+from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig
+from iat_torchrec.data.spec import FeatureSpec
+from iat_torchrec.data.synthetic import SyntheticConfig, generate
+from iat_torchrec.distributed.sharding import DistEnv, init_process_group
+from iat_torchrec.models.dlrm_sif import (DLRM_SIF, DLRM_SIFTrain, DLRMSIFConfig,
+                                          DownstreamBatch, HistorySource, SampleCodeLookup)
+from iat_torchrec.models.hgaq import HGAQConfig, subtoken_layout
+from iat_torchrec.stages.common import build_sharded
+from iat_torchrec.stages.train import TrainDownstreamConfig, model_config
+from iat_torchrec.tokens.assembly import LABEL_PAD, HistoryBatch, HistoryLayout
+from iat_torchrec.tokens.lookup import InstanceTokenLookup
+from iat_torchrec.tokens.store import TokenStore
+
+ITEM_FEATURE = "item_id"  # the synthetic log's item field
+REFERENCE = ("DLRM, no history", "none", "dot")
+# (row name, history source, interaction), timed at every L.
+VARIANTS: Tuple[Tuple[str, str, str], ...] = (
+    ("DLRM+DIN", "din", "dot"),
+    ("DLRM+BST", "bst", "dot"),
+    ("IAT (IAT branch + BST items)", "iat", "dot"),
+    ("SIF (HGAQ codes, SIF-Mixer)", "sif_codes", "mixer"),
+    ("SIF over IAT tokens", "sif_iat", "mixer"),
+)
+
+
+@dataclasses.dataclass
+class BenchDownstreamConfig:
+    """Downstream-model training benchmark."""
+
+    device: str = dataclasses.field(default="cpu", metadata={"help": "cpu or cuda"})
+    lengths: List[int] = dataclasses.field(default_factory=lambda: [64, 256],
+                                           metadata={"help": "history lengths L"})
+    batch_size: int = dataclasses.field(default=256, metadata={"help": "samples per step"})
+    num_batches: int = dataclasses.field(default=4, metadata={
+        "help": "distinct batches, cycled (the log holds batch_size x num_batches rows)"})
+    item_history_len: int = dataclasses.field(default=0, metadata={
+        "help": "k of DIN / BST / IAT's item branch (0: k = L)"})
+    store_rows: int = dataclasses.field(default=100_000, metadata={
+        "help": "rows of the token store the histories index"})
+    token_dim: int = dataclasses.field(default=64, metadata={"help": "IAT token width d"})
+    token_dtype: str = dataclasses.field(default="fp16", metadata={
+        "help": "IAT store dtype: fp32 | fp16 | int8"})
+    warmup: int = dataclasses.field(default=1, metadata={"help": "untimed steps per model"})
+    steps: int = dataclasses.field(default=1, metadata={"help": "steps per timed turn"})
+    repeats: int = dataclasses.field(default=3, metadata={"help": "timed turns (best kept)"})
+    threads: int = dataclasses.field(default=0, metadata={"help": "CPU threads (0: default)"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of data and weights"})
+    work_dir: str = dataclasses.field(default="", metadata={"help": "scratch dir (default tmp)"})
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What every model reads: spec, frozen lookups and codebooks, the instance batches."""
+
+    spec: FeatureSpec
+    token_lookup: InstanceTokenLookup
+    code_lookup: SampleCodeLookup
+    codebooks: torch.Tensor
+    batches: List[InstanceBatch]
+
+
+def make_inputs(cfg: BenchDownstreamConfig, env: DistEnv, tmp: Path) -> Inputs:
+    """The synthetic log's batches, a random IAT token store with its lookup, random codes of
+    the same rows and random codebooks (HGAQ's default sizes)."""
+    rng = np.random.default_rng(cfg.seed)
+    log = generate(SyntheticConfig(num_instances=cfg.batch_size * cfg.num_batches,
+                                   num_sparse_fields=26, num_dense_fields=13, seed=cfg.seed,
+                                   threads=0), tmp / "log")
+    spec = FeatureSpec.load(log)
+    batches = list(InstanceLogReader(log, spec, ReaderConfig(batch_size=cfg.batch_size,
+                                                             drop_last=True)))
+    n = cfg.store_rows
+    writer = TokenStore.create(tmp / "iat", kind="iat", token_shape=(cfg.token_dim,),
+                               dtype=cfg.token_dtype)
+    writer.append(np.arange(n), rng.integers(0, 1000, n), np.arange(n), rng.integers(0, 2, n),
+                  rng.standard_normal((n, cfg.token_dim), dtype=np.float32))
+    store = writer.close()
+    hgaq = HGAQConfig()
+    t = len(subtoken_layout(spec, hgaq.fields_per_subtoken))
+    codes = rng.integers(0, hgaq.codebook_size, (n, t, hgaq.levels), dtype=np.uint8)
+    codebooks = torch.from_numpy(rng.standard_normal(
+        (t, hgaq.levels, hgaq.codebook_size, hgaq.d0), dtype=np.float32))
+    return Inputs(spec, InstanceTokenLookup(store, env.device),
+                  SampleCodeLookup(codes, env.device), codebooks, batches)
+
+
+def random_history(rng: np.random.Generator, batch_size: int, length: int, store_rows: int,
+                   layout: HistoryLayout) -> HistoryBatch:
+    """A history of exactly ``length`` real steps per sample: random store rows, labels and gap
+    buckets (growing towards the oldest step)."""
+    gaps = -np.sort(-rng.integers(0, layout.gap_pad, (batch_size, length)), axis=1)
+    return HistoryBatch(
+        row_ids=torch.from_numpy(rng.integers(0, store_rows, (batch_size, length))),
+        mask=torch.ones(batch_size, length, dtype=torch.bool),
+        label=torch.from_numpy(rng.integers(0, LABEL_PAD, (batch_size, length))),
+        gap_bucket=torch.from_numpy(gaps),
+        length=torch.full((batch_size,), length, dtype=torch.long))
+
+
+def variant_config(cfg: BenchDownstreamConfig, source: str, interaction: str,
+                   length: int) -> TrainDownstreamConfig:
+    """``apps/train.py``'s configuration of one variant (its model and sharding defaults)."""
+    return TrainDownstreamConfig(
+        history_source=source, interaction=interaction, item_feature=ITEM_FEATURE,
+        item_history_len=cfg.item_history_len or length, device=cfg.device,
+        batch_size=cfg.batch_size, seed=cfg.seed)
+
+
+def variant_batches(inputs: Inputs, mcfg: DLRMSIFConfig, length: int, seed: int,
+                    store_rows: int, device: torch.device) -> List[DownstreamBatch]:
+    """The batches a variant reads, on ``device``: history, item features and target codes as
+    its history source needs (the same random draws for every variant of one L)."""
+    rng = np.random.default_rng((seed, length))
+    src = mcfg.history_source
+    k = mcfg.item_history_len if mcfg.item_branch != "none" else 0
+    t, levels, codebook_size = inputs.codebooks.shape[:3]
+    item_vocab = inputs.spec.field(ITEM_FEATURE).num_embeddings
+    out = []
+    for b in inputs.batches:
+        n = len(b)
+        history = random_history(rng, n, length, store_rows, HistoryLayout())
+        items = torch.from_numpy(rng.integers(0, item_vocab, (n, length)))
+        codes = torch.from_numpy(rng.integers(0, codebook_size, (n, t, levels)))
+        out.append(DownstreamBatch.build(
+            b, history if src != HistorySource.NONE else None, items if k else None, k,
+            codes if src.is_sif else None).to(device))
+    return out
+
+
+def build_pipeline(inputs: Inputs, mcfg: DLRMSIFConfig, train_cfg: TrainDownstreamConfig,
+                   env: DistEnv) -> TrainPipelineSparseDist:
+    """One variant sharded and wrapped as ``run_train`` does it."""
+    src = mcfg.history_source
+    model, optimizer = build_sharded(
+        lambda tables: DLRM_SIFTrain(DLRM_SIF(
+            inputs.spec, mcfg, token_lookup=inputs.token_lookup if src.uses_tokens else None,
+            code_lookup=inputs.code_lookup if src.uses_codes else None,
+            codebooks=inputs.codebooks if src.is_sif else None,
+            device=env.device if tables is not None else None, table_device=tables)),
+        train_cfg.seed, env, train_cfg, train_cfg.batch_size)
+    return TrainPipelineSparseDist(model, optimizer, env.device)
+
+
+def _cycle(batches: List[DownstreamBatch]) -> Iterator[DownstreamBatch]:
+    while True:
+        yield from batches
+
+
+def _steps(pipeline: TrainPipelineSparseDist, batches: Iterator[DownstreamBatch],
+           n: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(n):
+            pipeline.progress(batches)
+    return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_in_turns(runs: List[Callable[[], None]], repeats: int,
+                  device: torch.device) -> List[float]:
+    """Best wall seconds of each run; runs take turns so that load from other jobs on a shared
+    machine hits them alike."""
+    best = [float("inf")] * len(runs)
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    logging.getLogger().setLevel(logging.ERROR)
+    cfg = parse_config(BenchDownstreamConfig, argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    env = init_process_group(cfg.device)
+    # (L, name, history source, interaction); L = 0: no history.
+    rows = [(0, *REFERENCE)] + [(length, *v) for length in cfg.lengths for v in VARIANTS]
+    try:
+        with tempfile.TemporaryDirectory(dir=cfg.work_dir or None) as tmp:
+            inputs = make_inputs(cfg, env, Path(tmp))
+            runs = []
+            for length, _, source, interaction in rows:
+                train_cfg = variant_config(cfg, source, interaction, length)
+                mcfg = model_config(train_cfg, HistoryLayout().gap_vocab_size,
+                                    HGAQConfig().fields_per_subtoken)
+                pipeline = build_pipeline(inputs, mcfg, train_cfg, env)
+                batches = _cycle(variant_batches(inputs, mcfg, length, cfg.seed,
+                                                 cfg.store_rows, env.device))
+                _steps(pipeline, batches, cfg.warmup)()
+                runs.append(_steps(pipeline, batches, cfg.steps))
+            seconds = [s / cfg.steps for s in best_in_turns(runs, cfg.repeats, env.device)]
+    finally:
+        dist.destroy_process_group()
+
+    device = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    k = f"k = {cfg.item_history_len}" if cfg.item_history_len else "k = L"
+    print(f"\ndownstream training benchmark on {device}, torch {torch.__version__}, "
+          f"{datetime.date.today().isoformat()}: batch {cfg.batch_size}, "
+          f"{len(inputs.spec.sparse)} sparse fields (D = {mcfg.embedding_dim}) + "
+          f"{len(inputs.spec.dense)} dense, item history {k}, IAT tokens d = {cfg.token_dim} "
+          f"{cfg.token_dtype} ({cfg.store_rows:,} rows); one process, DMP + fused row-wise "
+          f"Adagrad + Adam, TrainPipelineSparseDist; best of {cfg.repeats} x {cfg.steps} steps "
+          f"after {cfg.warmup} warm-up")
+    ref = cfg.batch_size / seconds[0]
+    print(f"| {'L':>4} | {'what':<30} | {'source':<9} | {'interaction':<11} | "
+          f"{'ms / step':>9} | {'samples/s':>10} | {'x ' + REFERENCE[0]:>20} |")
+    print(f"|{'-' * 6}|{'-' * 32}|{'-' * 11}|{'-' * 13}|{'-' * 11}|{'-' * 12}|{'-' * 22}|")
+    for (length, name, source, interaction), secs in zip(rows, seconds):
+        rate = cfg.batch_size / secs
+        print(f"| {length or '-':>4} | {name:<30} | {source:<9} | {interaction:<11} | "
+              f"{secs * 1e3:>9.1f} | {rate:>10,.0f} | {rate / ref:>20.2f} |")
+
+
+if __name__ == "__main__":
+    main()

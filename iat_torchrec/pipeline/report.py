@@ -1,0 +1,167 @@
+"""The evaluation stage: every downstream run's results gathered into the comparison table.
+
+Reads the index of runs the pipeline writes (``runs.json``: per dataset, each variant's results
+file per seed), and writes into ``out_dir``: ``results.md`` (one table per dataset: test AUC,
+GAUC and logloss as mean +- std over seeds, and the relative AUC / GAUC gain over DLRM+BST),
+``results.csv`` (the same rows), ``results.png`` (test AUC per variant with its std as error
+bars, one panel per dataset) and ``summary.json`` (the tables and every run's metrics). A
+missing or unreadable results file is an error naming it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.data.log import validate_log
+from iat_torchrec.data.spec import FeatureSpec
+from iat_torchrec.pipeline.plan import BASELINE
+
+METRICS = ("auc", "gauc", "logloss")
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """Gather the downstream runs into the comparison table, plot and summary."""
+
+    runs: str = dataclasses.field(default="", metadata={
+        "help": "index of the runs (runs.json, written by apps/pipeline.py) (required)"})
+    out_dir: str = dataclasses.field(default="", metadata={
+        "help": "where results.{md,csv,png} and summary.json go (default: the index's folder)"})
+
+
+class ResultsError(ValueError):
+    """A run's results that are missing or not what the evaluation expects."""
+
+
+def load_runs(index: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Per dataset ``{"name", "rows", "label", "runs": {variant: [{"seed", "valid", "test",
+    "best_epoch", "train_seconds"}]}}`` from the results files of the index."""
+    datasets: Dict[str, Dict[str, Any]] = {}
+    for name, entry in index["datasets"].items():
+        label = FeatureSpec.load(entry["train_log"]).labels[0]
+        runs: Dict[str, List[Dict[str, Any]]] = {}
+        for variant, seeds in entry["runs"].items():
+            runs[variant] = []
+            for run in seeds:
+                path = Path(run["results"])
+                try:
+                    saved = json.loads(path.read_text())
+                    valid, test = saved["valid"][label], saved["test"][label]
+                except FileNotFoundError:
+                    raise ResultsError(f"{path}: no results for {name} seed {run['seed']} "
+                                       f"{variant}: that train stage has not finished") from None
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ResultsError(f"{path}: not a results file with valid and test "
+                                       f"metrics of label {label!r} ({e!r})") from None
+                runs[variant].append({"seed": run["seed"], "valid": valid, "test": test,
+                                      "best_epoch": saved.get("best_epoch"),
+                                      "train_seconds": saved.get("train_seconds")})
+        datasets[name] = {"name": name, "rows": validate_log(entry["log"]).rows,
+                          "label": label, "runs": runs}
+    return datasets
+
+
+def summarize(dataset: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per variant: mean / std over seeds of the test metrics, gains over DLRM+BST."""
+    rows = []
+    stats = {}
+    for variant, runs in dataset["runs"].items():
+        s = {"variant": variant, "dataset": dataset["name"], "seeds": len(runs)}
+        for m in METRICS:
+            values = np.array([r["test"][m] for r in runs], dtype=float)
+            s[f"{m}_mean"], s[f"{m}_std"] = float(values.mean()), float(values.std())
+        stats[variant] = s
+        rows.append(s)
+    base = stats.get(BASELINE)
+    for s in rows:
+        for m in ("auc", "gauc"):
+            s[f"{m}_gain_pct"] = (100.0 * (s[f"{m}_mean"] - base[f"{m}_mean"]) / base[f"{m}_mean"]
+                                  if base else float("nan"))
+    return rows
+
+
+def markdown(dataset: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+    seeds = max((r["seeds"] for r in rows), default=0)
+    lines = [f"### {dataset['name']} ({dataset['rows']:,} instances), test split, label "
+             f"{dataset['label']}, {seeds} seeds (mean +- std)", "",
+             f"| variant | AUC | GAUC | logloss | AUC vs {BASELINE} | GAUC vs {BASELINE} |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['auc_mean']:.4f} +- {r['auc_std']:.4f} | "
+                     f"{r['gauc_mean']:.4f} +- {r['gauc_std']:.4f} | "
+                     f"{r['logloss_mean']:.4f} +- {r['logloss_std']:.4f} | "
+                     f"{r['auc_gain_pct']:+.2f}% | {r['gauc_gain_pct']:+.2f}% |")
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ["dataset", "variant", "seeds", "auc_mean", "auc_std", "gauc_mean", "gauc_std",
+              "logloss_mean", "logloss_std", "auc_gain_pct", "gauc_gain_pct"]
+
+
+def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r[k] for k in CSV_FIELDS})
+    with atomic_output(path, overwrite=True) as t:
+        t.write_text(buf.getvalue())
+
+
+def write_plot(path: Path, tables: Dict[str, List[Dict[str, Any]]]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], tables.items()):
+        x = np.arange(len(rows))
+        means = [r["auc_mean"] for r in rows]
+        ax.bar(x, means, yerr=[r["auc_std"] for r in rows], capsize=4,
+               color=["tab:gray" if r["variant"] == BASELINE else "tab:blue" for r in rows])
+        ax.set_xticks(x)
+        ax.set_xticklabels([r["variant"] for r in rows], rotation=35, ha="right", fontsize=8)
+        lo = min(m - r["auc_std"] for m, r in zip(means, rows))
+        hi = max(m + r["auc_std"] for m, r in zip(means, rows))
+        pad = max(0.005, 0.1 * (hi - lo))
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_ylabel("test AUC (mean +- std over seeds)")
+        ax.set_title(name)
+    fig.tight_layout()
+    with atomic_output(path, overwrite=True) as t:
+        fig.savefig(t, format="png", dpi=120)
+    plt.close(fig)
+
+
+def run_evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
+    """Write the tables, plot and summary of the runs in ``cfg.runs``; prints the tables and
+    returns the summary (``{"datasets": {name: {..., "runs", "table"}}}``)."""
+    if not cfg.runs:
+        raise ValueError("--runs is required: the runs.json index apps/pipeline.py writes")
+    index_path = Path(cfg.runs)
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResultsError(f"{index_path}: cannot read the index of runs ({e})") from None
+    datasets = load_runs(index)
+    tables = {name: summarize(d) for name, d in datasets.items()}
+    text = "\n\n".join(markdown(datasets[n], tables[n]) for n in tables)
+    out = Path(cfg.out_dir) if cfg.out_dir else index_path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out / "results.md", overwrite=True) as t:
+        t.write_text(text + "\n")
+    write_csv(out / "results.csv", [r for rows in tables.values() for r in rows])
+    write_plot(out / "results.png", tables)
+    summary = {"datasets": {n: {**datasets[n], "table": tables[n]} for n in datasets}}
+    with atomic_output(out / "summary.json", overwrite=True) as t:
+        t.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(text, flush=True)
+    return summary

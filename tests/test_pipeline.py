@@ -1,0 +1,253 @@
+"""The pipeline: its plan, the TorchX runner (skip, re-make, failure), and apps/pipeline.py end
+to end on a tiny synthetic log, including a run killed during a stage and re-run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+from torchx import specs
+
+from conftest import REPO_ROOT
+from iat_torchrec.config import parse_config
+from iat_torchrec.pipeline.plan import BASELINE, VARIANTS, PipelineConfig, Step, build_plan
+from iat_torchrec.pipeline.runner import PipelineRunner, StageFailed, fingerprints, run_pipeline
+
+TINY = ["--seeds", "0", "--num_instances", "3000", "--num_users", "150", "--num_items", "100",
+        "--num_sparse_fields", "8", "--batch_size", "256", "--max_len", "16",
+        "--item_history_len", "8", "--token_dim", "8", "--source_dense_layers", "16", "8",
+        "--decompress_layers", "16", "--cross_rank", "4", "--sit_heads", "2",
+        "--sit_context", "4", "--field_dim", "4", "--d0", "8", "--levels", "2",
+        "--codebook_size", "16", "--embedding_dim", "8", "--dense_arch_layers", "16",
+        "--over_arch_layers", "16", "8", "--din_attention_layers", "16", "--num_blocks", "1",
+        "--num_heads", "2", "--iat_adapt_dim", "8", "--iat_side_dim", "8", "--iat_layers", "1",
+        "--iat_heads", "2", "--nproc", "1"]
+# One variant per kind of stage: no history, the user-order IAT store, SIF codes over it.
+E2E_VARIANTS = ["--variants", "DLRM", "IAT user-order", "SIF over IAT tokens"]
+
+
+# ---------------------------------------------------------------------------- the plan
+def test_plan_has_every_stage_once_in_input_order():
+    steps = build_plan(parse_config(PipelineConfig, TINY + ["--seeds", "0", "1"]))
+    names = [s.name for s in steps]
+    assert len(names) == len(set(names))
+    seen = set()
+    for s in steps:
+        assert set(s.after) <= seen, s.name  # inputs are planned first
+        seen.add(s.name)
+    per_seed = [n for n in names if n.startswith("synthetic/seed0/")]
+    assert sum(n.endswith(("/iat_temporal", "/iat_user", "/sif")) for n in per_seed) == 3
+    assert sum("/hist_" in n for n in per_seed) == 9  # three stores x three splits
+    assert sum("/train_" in n for n in per_seed) == len(VARIANTS)
+    assert names[0] == "synthetic/data" and names[-1] == "evaluate"
+    assert len(steps[-1].after) == 2 * len(VARIANTS)
+    train = next(s for s in steps if s.name == "synthetic/seed1/train_SIF")
+    assert train.args["history_source"] == "sif_codes" and train.args["interaction"] == "mixer"
+    assert train.args["seed"] == 1 and train.args["j"] == "1x1"
+
+
+def test_plan_holds_only_what_the_variants_need():
+    steps = build_plan(parse_config(PipelineConfig, TINY + ["--variants", "DLRM"]))
+    assert [s.component for s in steps] == ["prepare_data", "train", "evaluate"]
+    steps = build_plan(parse_config(PipelineConfig, TINY + ["--variants", "SIF"]))
+    assert [s.name.rsplit("/", 1)[-1] for s in steps if s.component != "assemble"] == [
+        "data", "sif", "train_SIF", "evaluate"]
+
+
+def test_fingerprints_follow_inputs_not_resources():
+    base = build_plan(parse_config(PipelineConfig, TINY))
+    fp = fingerprints(base)
+    more_cpus = fingerprints(build_plan(parse_config(PipelineConfig, TINY + ["--cpu", "4"])))
+    assert more_cpus == fp
+    other = fingerprints(build_plan(parse_config(PipelineConfig, TINY + ["--token_dim", "12"])))
+    changed = {n for n in fp if fp[n] != other[n]}
+    # the IAT stores change, and everything downstream of them, nothing else
+    assert "synthetic/seed0/iat_user" in changed and "synthetic/data" not in changed
+    assert "synthetic/seed0/sif" not in changed and "synthetic/seed0/train_DLRM" not in changed
+    assert {"synthetic/seed0/hist_iat_user_train", "synthetic/seed0/train_IAT_user-order",
+            "evaluate"} <= changed
+
+
+def test_bad_pipeline_config_is_refused():
+    with pytest.raises(ValueError, match="unknown variants"):
+        build_plan(parse_config(PipelineConfig, TINY + ["--variants", "GRU4Rec"]))
+    with pytest.raises(ValueError, match="key=value"):
+        build_plan(parse_config(PipelineConfig, TINY + ["--scheduler_args", "partition"]))
+
+
+# ---------------------------------------------------------------------------- the runner
+def _python_job(code: str) -> specs.AppDef:
+    return specs.AppDef(name="job", roles=[specs.Role(
+        name="job", image=str(REPO_ROOT), entrypoint=sys.executable, args=["-c", code])])
+
+
+def _touch(path: str, fail: bool = False, note: int = 0) -> specs.AppDef:
+    return _python_job(f"import pathlib, sys; print('making {Path(path).name}'); "
+                       + ("sys.exit('it broke: exit 3')" if fail else
+                          f"pathlib.Path({path!r}).write_text(open({path!r} + '.in').read() "
+                          f"if pathlib.Path({path!r} + '.in').exists() else 'x')"))
+
+
+def test_runner_skips_done_steps_remakes_changed_ones_and_stops_at_a_failure(tmp_path):
+    work = tmp_path / "run" / "work"
+    work.mkdir(parents=True)
+    a, b = str(work / "a"), str(work / "b")
+    steps = [Step("a", "touch", {"path": a}, [a]),
+             Step("b", "touch", {"path": b}, [b], after=["a"])]
+    lines: List[str] = []
+    runner = PipelineRunner(str(tmp_path / "run"), {"touch": _touch}, log=lines.append)
+    ran = runner.run(steps)
+    assert set(ran) == {"a", "b"} and Path(b).read_text() == "x"
+    assert "making b" in (tmp_path / "run" / "logs" / "b.log").read_text()
+    assert runner.record(steps[1])["state"] == "done"
+    # Nothing changed: nothing runs.
+    lines.clear()
+    assert runner.run(steps) == {} and all(line.startswith("skip") for line in lines)
+    # An output removed by hand is made again, and only that.
+    os.remove(b)
+    assert set(runner.run(steps)) == {"b"}
+    # A changed step is re-made, and so is every step after it.
+    steps[0] = Step("a", "touch", {"path": a, "fail": False, "note": 1}, [a])
+    assert set(runner.run(steps)) == {"a", "b"}
+    # A failing step stops the run with its log; nothing after it runs.
+    c = str(work / "c")
+    steps = [Step("c", "touch", {"path": c, "fail": True}, [c])] + steps
+    steps[1].after = ["c"]
+    with pytest.raises(StageFailed, match="(?s)stage c FAILED.*it broke: exit 3") as e:
+        runner.run(steps)
+    assert e.value.log == tmp_path / "run" / "logs" / "c.log"
+    assert runner.record(steps[0])["state"] == "running"
+    assert runner.record(steps[1])["state"] == "done"  # untouched: c failed first
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """apps/pipeline.py's run_pipeline on a tiny log, uninterrupted; returns (args, run dir,
+    summary, log lines)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    args = TINY + E2E_VARIANTS + ["--data_dir", str(root / "data")]
+    lines: List[str] = []
+    cwd = os.getcwd()
+    try:
+        summary = run_pipeline(parse_config(PipelineConfig,
+                                            args + ["--run_dir", str(root / "run")]),
+                               log=lines.append)
+    finally:
+        os.chdir(cwd)
+    return args, root / "run", summary, lines
+
+
+def _test_metrics(summary: Dict) -> Dict[str, Dict[str, float]]:
+    return {r["variant"]: {m: r[f"{m}_mean"] for m in ("auc", "gauc", "logloss")}
+            for r in summary["datasets"]["synthetic"]["table"]}
+
+
+def test_pipeline_end_to_end_writes_a_table_a_person_can_read(e2e):
+    args, run, summary, lines = e2e
+    assert sum(line.startswith("done") for line in lines) == 10  # every stage ran
+    table = summary["datasets"]["synthetic"]["table"]
+    assert [r["variant"] for r in table] == ["DLRM", "IAT user-order", "SIF over IAT tokens"]
+    for r in table:
+        assert 0.0 < r["auc_mean"] < 1.0 and r["logloss_mean"] > 0 and r["seeds"] == 1
+        assert r["auc_gain_pct"] != r["auc_gain_pct"]  # no DLRM+BST in this run: NaN gain
+    with open(run / "results.csv") as f:
+        assert [r["variant"] for r in csv.DictReader(f)] == [r["variant"] for r in table]
+    md = (run / "results.md").read_text()
+    assert "| IAT user-order |" in md and "3,000 instances" in md
+    assert (run / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    logs = {p.name for p in (run / "logs").glob("*.log")}
+    assert {"synthetic__data.log", "synthetic__seed0__iat_user.log", "synthetic__seed0__sif.log",
+            "synthetic__seed0__train_DLRM.log", "evaluate.log"} <= logs
+    assert "[train] best epoch 0 test click" in (
+        run / "logs" / "synthetic__seed0__train_DLRM.log").read_text()
+
+
+def test_a_rerun_skips_every_stage(e2e):
+    args, run, summary, _ = e2e
+    lines: List[str] = []
+    cwd = os.getcwd()
+    try:
+        again = run_pipeline(parse_config(PipelineConfig, args + ["--run_dir", str(run)]),
+                             log=lines.append)
+    finally:
+        os.chdir(cwd)
+    assert not [line for line in lines if line.startswith(("run", "done"))]
+    assert again == summary
+
+
+def _descendants(pid: int) -> List[int]:
+    children: Dict[int, List[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def test_killed_during_a_stage_a_rerun_finishes_with_the_same_results(e2e, tmp_path):
+    args, _, summary, _ = e2e
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO_ROOT / "apps" / "pipeline.py"), *args, "--run_dir", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    record = run / "steps" / "synthetic__seed0__train_IAT_user-order.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if record.is_file() and json.loads(record.read_text())["state"] == "running":
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the pipeline ended before the stage to kill it in"
+    time.sleep(2.0)  # well inside the stage
+    for pid in _descendants(proc.pid):  # the driver and every stage process: a power cut
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert not (run / "summary.json").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "skip   synthetic/seed0/iat_user" in done.stdout  # stages done before are kept
+    assert "run    synthetic/seed0/train_IAT_user-order" in done.stdout
+    assert "| SIF over IAT tokens |" in done.stdout  # the table is printed
+    again = json.loads((run / "summary.json").read_text())
+    expected = _test_metrics(summary)
+    for variant, metrics in _test_metrics(again).items():
+        for m, v in metrics.items():
+            assert v == pytest.approx(expected[variant][m], abs=1e-6), (variant, m)
+
+
+def test_a_failing_stage_stops_the_pipeline_with_its_log(e2e, tmp_path, capsys):
+    args, _, _, _ = e2e
+    bad = tmp_path / "own-log"
+    bad.mkdir()  # a log folder without any data
+    sys.path.insert(0, str(REPO_ROOT / "apps"))
+    try:
+        import pipeline as app
+        cwd = os.getcwd()
+        try:
+            code = app.main(args + ["--dataset", str(bad), "--run_dir", str(tmp_path / "run")])
+        finally:
+            os.chdir(cwd)
+    finally:
+        sys.path.remove(str(REPO_ROOT / "apps"))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "stage own-log/data FAILED" in err and "no .parquet files" in err
+    assert (tmp_path / "run" / "logs" / "own-log__data.log").is_file()
