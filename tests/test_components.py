@@ -15,6 +15,7 @@ from conftest import REPO_ROOT
 import pytest
 
 from iat_torchrec.data.prepare import DataConfig
+from iat_torchrec.pipeline.report import EvaluateConfig
 from iat_torchrec.stages.compress import CompressConfig
 from iat_torchrec.stages.tokenize import TokenizeConfig
 from iat_torchrec.stages.train import TrainDownstreamConfig
@@ -30,6 +31,7 @@ RESOURCE_ARGS = {"image", "cpu", "gpu", "memMB", "h", "j"}
     (components.tokenize, TokenizeConfig),
     (components.assemble, AssembleConfig),
     (components.train, TrainDownstreamConfig),
+    (components.evaluate, EvaluateConfig),
 ])
 def test_component_arguments_are_the_config_fields(component, config):
     params = inspect.signature(component).parameters

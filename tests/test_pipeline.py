@@ -13,12 +13,15 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import pyarrow as pa
 import pytest
 from torchx import specs
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_columns, tiny_spec
+from iat_torchrec.data.log import write_log
 from iat_torchrec.config import parse_config
 from iat_torchrec.pipeline.plan import BASELINE, VARIANTS, PipelineConfig, Step, build_plan
+from iat_torchrec.pipeline.report import EvaluateConfig, ResultsError, run_evaluate
 from iat_torchrec.pipeline.runner import PipelineRunner, StageFailed, fingerprints, run_pipeline
 
 TINY = ["--seeds", "0", "--num_instances", "3000", "--num_users", "150", "--num_items", "100",
@@ -126,6 +129,27 @@ def test_runner_skips_done_steps_remakes_changed_ones_and_stops_at_a_failure(tmp
     assert e.value.log == tmp_path / "run" / "logs" / "c.log"
     assert runner.record(steps[0])["state"] == "running"
     assert runner.record(steps[1])["state"] == "done"  # untouched: c failed first
+
+
+# ---------------------------------------------------------------------------- evaluation
+def test_evaluate_names_a_missing_or_broken_results_file(tmp_path):
+    log = write_log(pa.table(tiny_columns()), tmp_path / "log", tiny_spec())
+    results = tmp_path / "seed0" / "results_DLRM.json"
+    index = {"datasets": {"tiny": {"train_log": str(log), "log": str(log), "runs": {
+        "DLRM": [{"seed": 0, "results": str(results)}]}}}}
+    (tmp_path / "runs.json").write_text(json.dumps(index))
+    cfg = EvaluateConfig(runs=str(tmp_path / "runs.json"))
+    with pytest.raises(ResultsError, match="results_DLRM.json: no results for tiny seed 0 DLRM"):
+        run_evaluate(cfg)
+    results.parent.mkdir()
+    results.write_text(json.dumps({"valid": {"buy": {}}, "test": {"buy": {}}}))
+    with pytest.raises(ResultsError, match="results_DLRM.json: not a results file.*'click'"):
+        run_evaluate(cfg)
+    metrics = {"auc": 0.7, "gauc": 0.6, "logloss": 0.5}
+    results.write_text(json.dumps({"valid": {"click": metrics}, "test": {"click": metrics}}))
+    summary = run_evaluate(cfg)
+    assert summary["datasets"]["tiny"]["table"][0]["auc_mean"] == 0.7
+    assert (tmp_path / "results.md").read_text().startswith("### tiny (500 instances)")
 
 
 # ---------------------------------------------------------------------------- end to end
