@@ -1,16 +1,18 @@
 """Benchmark: downstream training samples/s of DLRM_SIF with a history of L steps, against DLRM.
 
-    python apps/bench_downstream.py [--device cpu|cuda] [--lengths 64 256] [--batch_size 256]
-                                    [--threads 0]
+    python apps/bench_downstream.py [--lengths 64 256] [--batch_size 256]   # one CPU core
+    python apps/bench_downstream.py --one_core false [--threads 0]           # all CPU cores
+    python apps/bench_downstream.py --device cuda --one_core false           # one GPU
 
 Times, in the same run and on the same device, training steps (forward, backward, optimizer) of
 ``DLRM_SIFTrain(DLRM_SIF(...))`` for
 
 - the reference: **DLRM, no history** (history source ``none``, dot interaction: TorchRec's DLRM);
 - at each history length L: **DLRM+DIN** and **DLRM+BST** (item-id history of the last k = L
-  steps, or ``--item_history_len`` k), **IAT** (``iat``: IAT tokens through the IAT branch, beside
-  the BST item branch as the library builds it), all with the dot interaction; **SIF** (HGAQ codes
-  through the SIF-Mixer, ``sif_codes``) and **SIF over IAT tokens** (``sif_iat``), with L_align.
+  steps, or ``--item_history_len`` k <= L), **IAT** (``iat``: IAT tokens through the IAT branch,
+  beside the BST item branch as the library builds it), all with the dot interaction; **SIF**
+  (HGAQ codes through the SIF-Mixer, ``sif_codes``) and **SIF over IAT tokens** (``sif_iat``),
+  both with L_align.
 
 The model is built and trained the way ``apps/train.py`` does (``run_train``): the flat
 ``TrainDownstreamConfig`` defaults mapped by ``model_config``, sharded by ``build_sharded``
@@ -24,12 +26,19 @@ fields of dim 16, 13 dense), ``num_batches`` batches of it cycled; an IAT token 
 (store rows, matured labels, gap buckets) and random items. Per model, ``warmup`` steps are not
 timed; then the models take turns running ``steps`` steps, ``repeats`` times, and the best turn
 is kept. Samples/s = batch_size / seconds per step.
+
+Clock: by default (``one_core``, CPU) the process runs on one core with one thread
+(``iat_torchrec.benchmark.pin_one_core``) and steps are timed in CPU seconds of the process
+(``time.process_time``): per-core rates that other jobs on a shared machine hardly skew (with
+several threads, a core taken by another job stalls every parallel region). Otherwise steps are
+timed in wall seconds (after a CUDA synchronize on GPU) with ``threads`` CPU threads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import logging
 import tempfile
 import time
@@ -41,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from iat_torchrec.benchmark import pin_one_core
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.batch import InstanceBatch
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig
@@ -79,7 +89,7 @@ class BenchDownstreamConfig:
     num_batches: int = dataclasses.field(default=4, metadata={
         "help": "distinct batches, cycled (the log holds batch_size x num_batches rows)"})
     item_history_len: int = dataclasses.field(default=0, metadata={
-        "help": "k of DIN / BST / IAT's item branch (0: k = L)"})
+        "help": "k of DIN / BST / IAT's item branch, capped at L (0: k = L)"})
     store_rows: int = dataclasses.field(default=100_000, metadata={
         "help": "rows of the token store the histories index"})
     token_dim: int = dataclasses.field(default=64, metadata={"help": "IAT token width d"})
@@ -88,7 +98,10 @@ class BenchDownstreamConfig:
     warmup: int = dataclasses.field(default=1, metadata={"help": "untimed steps per model"})
     steps: int = dataclasses.field(default=1, metadata={"help": "steps per timed turn"})
     repeats: int = dataclasses.field(default=3, metadata={"help": "timed turns (best kept)"})
-    threads: int = dataclasses.field(default=0, metadata={"help": "CPU threads (0: default)"})
+    one_core: bool = dataclasses.field(default=True, metadata={
+        "help": "CPU: one pinned core, one thread, CPU-seconds clock (see the docstring)"})
+    threads: int = dataclasses.field(default=0, metadata={
+        "help": "CPU threads without one_core (0: torch's default)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of data and weights"})
     work_dir: str = dataclasses.field(default="", metadata={"help": "scratch dir (default tmp)"})
 
@@ -147,7 +160,7 @@ def variant_config(cfg: BenchDownstreamConfig, source: str, interaction: str,
     """``apps/train.py``'s configuration of one variant (its model and sharding defaults)."""
     return TrainDownstreamConfig(
         history_source=source, interaction=interaction, item_feature=ITEM_FEATURE,
-        item_history_len=cfg.item_history_len or length, device=cfg.device,
+        item_history_len=min(cfg.item_history_len or length, length), device=cfg.device,
         batch_size=cfg.batch_size, seed=cfg.seed)
 
 
@@ -186,11 +199,6 @@ def build_pipeline(inputs: Inputs, mcfg: DLRMSIFConfig, train_cfg: TrainDownstre
     return TrainPipelineSparseDist(model, optimizer, env.device)
 
 
-def _cycle(batches: List[DownstreamBatch]) -> Iterator[DownstreamBatch]:
-    while True:
-        yield from batches
-
-
 def _steps(pipeline: TrainPipelineSparseDist, batches: Iterator[DownstreamBatch],
            n: int) -> Callable[[], None]:
     def run() -> None:
@@ -204,26 +212,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_in_turns(runs: List[Callable[[], None]], repeats: int,
-                  device: torch.device) -> List[float]:
-    """Best wall seconds of each run; runs take turns so that load from other jobs on a shared
-    machine hits them alike."""
+def best_in_turns(runs: List[Callable[[], None]], repeats: int, device: torch.device,
+                  clock: Callable[[], float]) -> List[float]:
+    """Best seconds (by ``clock``) of each run; runs take turns so that load from other jobs on
+    a shared machine hits them alike."""
     best = [float("inf")] * len(runs)
     for _ in range(repeats):
         for i, run in enumerate(runs):
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             run()
             _sync(device)
-            best[i] = min(best[i], time.perf_counter() - start)
+            best[i] = min(best[i], clock() - start)
     return best
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     logging.getLogger().setLevel(logging.ERROR)
     cfg = parse_config(BenchDownstreamConfig, argv)
-    if cfg.threads:
+    per_core = cfg.one_core and cfg.device == "cpu"
+    if per_core:
+        pin_one_core()
+    elif cfg.threads:
         torch.set_num_threads(cfg.threads)
+    clock = time.process_time if per_core else time.perf_counter
     env = init_process_group(cfg.device)
     # (L, name, history source, interaction); L = 0: no history.
     rows = [(0, *REFERENCE)] + [(length, *v) for length in cfg.lengths for v in VARIANTS]
@@ -236,16 +248,17 @@ def main(argv: Optional[List[str]] = None) -> None:
                 mcfg = model_config(train_cfg, HistoryLayout().gap_vocab_size,
                                     HGAQConfig().fields_per_subtoken)
                 pipeline = build_pipeline(inputs, mcfg, train_cfg, env)
-                batches = _cycle(variant_batches(inputs, mcfg, length, cfg.seed,
+                batches = itertools.cycle(variant_batches(inputs, mcfg, length, cfg.seed,
                                                  cfg.store_rows, env.device))
                 _steps(pipeline, batches, cfg.warmup)()
                 runs.append(_steps(pipeline, batches, cfg.steps))
-            seconds = [s / cfg.steps for s in best_in_turns(runs, cfg.repeats, env.device)]
+            best = best_in_turns(runs, cfg.repeats, env.device, clock)
     finally:
         dist.destroy_process_group()
+    seconds = [s / cfg.steps for s in best]
 
     device = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else \
-        f"CPU, {torch.get_num_threads()} threads"
+        f"CPU, {torch.get_num_threads()} thread(s)"
     k = f"k = {cfg.item_history_len}" if cfg.item_history_len else "k = L"
     print(f"\ndownstream training benchmark on {device}, torch {torch.__version__}, "
           f"{datetime.date.today().isoformat()}: batch {cfg.batch_size}, "
@@ -253,7 +266,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{len(inputs.spec.dense)} dense, item history {k}, IAT tokens d = {cfg.token_dim} "
           f"{cfg.token_dtype} ({cfg.store_rows:,} rows); one process, DMP + fused row-wise "
           f"Adagrad + Adam, TrainPipelineSparseDist; best of {cfg.repeats} x {cfg.steps} steps "
-          f"after {cfg.warmup} warm-up")
+          f"after {cfg.warmup} warm-up, in {'CPU' if per_core else 'wall'} seconds")
     ref = cfg.batch_size / seconds[0]
     print(f"| {'L':>4} | {'what':<30} | {'source':<9} | {'interaction':<11} | "
           f"{'ms / step':>9} | {'samples/s':>10} | {'x ' + REFERENCE[0]:>20} |")
@@ -261,7 +274,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for (length, name, source, interaction), secs in zip(rows, seconds):
         rate = cfg.batch_size / secs
         print(f"| {length or '-':>4} | {name:<30} | {source:<9} | {interaction:<11} | "
-              f"{secs * 1e3:>9.1f} | {rate:>10,.0f} | {rate / ref:>20.2f} |")
+              f"{secs * 1e3:>9.1f} | {rate:>10,.0f} | {rate / ref:>#20.3g} |")
 
 
 if __name__ == "__main__":
