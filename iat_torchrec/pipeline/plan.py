@@ -69,10 +69,12 @@ class PipelineConfig:
         "help": "prepared data (shared between runs)"})
     movielens_source: str = dataclasses.field(default="../shared/data/ml-latest-small",
                                               metadata={"help": "MovieLens directory"})
-    num_instances: int = dataclasses.field(default=200_000, metadata={
+    num_instances: int = dataclasses.field(default=100_000, metadata={
         "help": "synthetic: instances"})
-    num_users: int = dataclasses.field(default=4_000, metadata={"help": "synthetic: users"})
-    num_items: int = dataclasses.field(default=4_000, metadata={"help": "synthetic: items"})
+    num_users: int = dataclasses.field(default=200, metadata={
+        "help": "synthetic: users (500 instances each by default: the user x context signal "
+                "needs long histories)"})
+    num_items: int = dataclasses.field(default=2_000, metadata={"help": "synthetic: items"})
     num_sparse_fields: int = dataclasses.field(default=26, metadata={
         "help": "synthetic: sparse fields"})
     item_feature: str = dataclasses.field(default="", metadata={
