@@ -69,9 +69,9 @@ class PipelineConfig:
         "help": "prepared data (shared between runs)"})
     movielens_source: str = dataclasses.field(default="../shared/data/ml-latest-small",
                                               metadata={"help": "MovieLens directory"})
-    num_instances: int = dataclasses.field(default=100_000, metadata={
+    num_instances: int = dataclasses.field(default=50_000, metadata={
         "help": "synthetic: instances"})
-    num_users: int = dataclasses.field(default=200, metadata={
+    num_users: int = dataclasses.field(default=100, metadata={
         "help": "synthetic: users (500 instances each by default: the user x context signal "
                 "needs long histories)"})
     num_items: int = dataclasses.field(default=2_000, metadata={"help": "synthetic: items"})
@@ -86,7 +86,10 @@ class PipelineConfig:
         "help": "key=value run options of the scheduler (e.g. partition=gpu for slurm)"})
     nnodes: int = dataclasses.field(default=1, metadata={"help": "nodes per training stage"})
     nproc: int = dataclasses.field(default=2, metadata={
-        "help": "processes per node of every training / assembly stage"})
+        "help": "processes per node of every training stage"})
+    assemble_nproc: int = dataclasses.field(default=1, metadata={
+        "help": "processes per node of every assembly stage (assembly is light: below some 10M "
+                "samples starting processes costs more than the work)"})
     device: str = dataclasses.field(default="cpu", metadata={"help": "cpu or cuda"})
     cpu: int = dataclasses.field(default=1, metadata={"help": "CPUs per process"})
     gpu: int = dataclasses.field(default=0, metadata={
@@ -138,8 +141,8 @@ class PipelineConfig:
             raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
         if not self.seeds or not self.dataset or not self.variants:
             raise ValueError("give at least one dataset, one seed and one variant")
-        if self.nproc < 1 or self.nnodes < 1:
-            raise ValueError("--nproc and --nnodes must be >= 1")
+        if min(self.nproc, self.assemble_nproc, self.nnodes) < 1:
+            raise ValueError("--nproc, --assemble_nproc and --nnodes must be >= 1")
         bad = [a for a in self.scheduler_args if "=" not in a]
         if bad:
             raise ValueError(f"--scheduler_args takes key=value pairs, got {bad}")
@@ -187,7 +190,8 @@ class _Planner:
 
     def resources(self, training: bool = True) -> Dict[str, Any]:
         c = self.cfg
-        res: Dict[str, Any] = dict(j=f"{c.nnodes}x{c.nproc}", cpu=c.cpu, memMB=c.memMB)
+        nproc = c.nproc if training else c.assemble_nproc
+        res: Dict[str, Any] = dict(j=f"{c.nnodes}x{nproc}", cpu=c.cpu, memMB=c.memMB)
         if training:
             res.update(gpu=c.gpu, device=c.device)
         return res
