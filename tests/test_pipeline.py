@@ -20,7 +20,7 @@ from torchx import specs
 from conftest import REPO_ROOT, tiny_columns, tiny_spec
 from iat_torchrec.data.log import write_log
 from iat_torchrec.config import parse_config
-from iat_torchrec.pipeline.plan import BASELINE, VARIANTS, PipelineConfig, Step, build_plan
+from iat_torchrec.pipeline.plan import VARIANTS, PipelineConfig, Step, build_plan
 from iat_torchrec.pipeline.report import EvaluateConfig, ResultsError, run_evaluate
 from iat_torchrec.pipeline.runner import PipelineRunner, StageFailed, fingerprints, run_pipeline
 

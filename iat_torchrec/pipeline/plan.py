@@ -178,6 +178,16 @@ def slug(variant: str) -> str:
     return variant.replace(" ", "_").replace("+", "_")
 
 
+def work_dir(run_dir: Path, dataset_name: str, seed: int) -> Path:
+    """Where one dataset and seed's stage outputs go."""
+    return run_dir / "work" / dataset_name / f"seed{seed}"
+
+
+def results_path(work: Path, variant: str) -> Path:
+    """The results file of one variant's downstream run."""
+    return work / f"results_{slug(variant)}.json"
+
+
 class _Planner:
     def __init__(self, cfg: PipelineConfig) -> None:
         self.cfg = cfg
@@ -198,7 +208,7 @@ class _Planner:
 
     def data(self, dataset: str) -> DataPaths:
         c = self.cfg
-        dc = self.cfg.data_config(dataset)
+        dc = c.data_config(dataset)
         paths = data_paths(dc)
         args = {f.name: getattr(dc, f.name) for f in dataclasses.fields(dc)}
         self.add(Step(name=f"{paths.name}/data", component="prepare_data",
@@ -220,16 +230,16 @@ class _Planner:
             out[name] = store
             ckpt = str(work / "checkpoints" / name)
             if name in SCHEMES:
+                component = "compress"
                 args = dict(store=store, scheme=SCHEMES[name], epochs=c.source_epochs,
                             token_dim=c.token_dim, dense_arch_layers=list(c.source_dense_layers),
                             decompress_layers=list(c.decompress_layers),
                             cross_rank=c.cross_rank, sit_heads=c.sit_heads,
-                            sit_context=c.sit_context, token_dtype="fp32", component="compress")
+                            sit_context=c.sit_context, token_dtype="fp32")
             else:
+                component = "tokenize"
                 args = dict(store=store, epochs=c.tokenizer_epochs, field_dim=c.field_dim,
-                            d0=c.d0, levels=c.levels, codebook_size=c.codebook_size,
-                            component="tokenize")
-            component = args.pop("component")
+                            d0=c.d0, levels=c.levels, codebook_size=c.codebook_size)
             self.add(Step(name=f"{paths.name}/seed{seed}/{name}", component=component,
                           args={**common, **args, "checkpoint_dir": ckpt}, outputs=[store],
                           after=[data_step], checkpoint_dir=ckpt))
@@ -271,7 +281,7 @@ class _Planner:
         if v["sif"]:
             kw["sif_store"] = stores["sif"]
             after.append(f"{prefix}/sif")
-        results = str(work / f"results_{slug(variant)}.json")
+        results = str(results_path(work, variant))
         ckpt = str(work / "checkpoints" / slug(variant))
         args = dict(
             train_log=splits["train"], valid_log=splits["valid"], test_log=splits["test"],
@@ -304,7 +314,7 @@ def build_plan(cfg: PipelineConfig) -> List[Step]:
     for dataset in cfg.dataset:
         paths = p.data(dataset)
         for seed in cfg.seeds:
-            work = p.run_dir / "work" / paths.name / f"seed{seed}"
+            work = work_dir(p.run_dir, paths.name, seed)
             stores = p.stores(paths, seed, work, stores_needed)
             histories = p.histories(paths, seed, work, stores, hist_needed)
             for variant in cfg.variants:
@@ -326,9 +336,9 @@ def runs_index(cfg: PipelineConfig) -> Dict[str, Any]:
     index: Dict[str, Any] = {"datasets": {}}
     for dataset in cfg.dataset:
         paths = data_paths(cfg.data_config(dataset))
-        runs = {v: [{"seed": s, "results": str(Path(cfg.run_dir) / "work" / paths.name /
-                                                f"seed{s}" / f"results_{slug(v)}.json")}
-                    for s in cfg.seeds] for v in cfg.variants}
+        runs = {v: [{"seed": s, "results": str(results_path(
+            work_dir(Path(cfg.run_dir), paths.name, s), v))} for s in cfg.seeds]
+            for v in cfg.variants}
         index["datasets"][paths.name] = {"train_log": str(paths.splits["train"]),
                                          "log": str(paths.log), "runs": runs}
     return json.loads(json.dumps(index))
