@@ -17,7 +17,6 @@ CPU-second of the pinned process (``time.process_time``), best of ``repeats`` ru
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +25,12 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
+from iat_torchrec.benchmark import pin_one_core
 from iat_torchrec.config import parse_config
 from iat_torchrec.tokens.lookup import InstanceTokenLookup
 from iat_torchrec.tokens.store import TokenStore
+
+from bench_common import best_in_turns, markdown_table
 
 
 @dataclasses.dataclass
@@ -52,20 +54,6 @@ def _each(ids: List[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -
         fn(i)
 
 
-def _best_round_robin(runs: List[Callable[[], object]], repeats: int) -> List[float]:
-    """Best CPU seconds of each run; runs take turns so that load from other jobs on a shared
-    machine hits them alike. One warm-up each first (page faults of weights and outputs)."""
-    for run in runs:
-        run()
-    best = [float("inf")] * len(runs)
-    for _ in range(repeats):
-        for k, run in enumerate(runs):
-            start = time.process_time()
-            run()
-            best[k] = min(best[k], time.process_time() - start)
-    return best
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     cfg = parse_config(BenchLookupConfig, argv)
     rng = np.random.default_rng(cfg.seed)
@@ -83,8 +71,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 w.append(np.arange(lo, hi), np.zeros(hi - lo, np.int64),
                          np.zeros(hi - lo, np.int64), np.zeros(hi - lo), tokens[lo:hi])
             stores[dtype] = w.close()
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-        torch.set_num_threads(1)
+        pin_one_core()
         weights = torch.from_numpy(tokens)
         names = ["torch.index_select on the fp32 tokens (reference)"]
         row_bytes = [4 * d]
@@ -103,23 +90,23 @@ def main(argv: Optional[List[str]] = None) -> None:
         src = torch.ones(cfg.copy_mib << 18, dtype=torch.float32)
         dst = torch.empty_like(src)
         runs.append(lambda: dst.copy_(src))
-        seconds = _best_round_robin(runs, cfg.repeats)
+        # CPU seconds, one warm-up each first (page faults of weights and outputs)
+        seconds = best_in_turns(runs, cfg.repeats, clock=time.process_time, warmup=True)
         copy_bps = 2 * src.numel() * 4 / seconds.pop()
         results = list(zip(names, row_bytes, seconds))
 
     ref = rows_per_run / results[0][2]
     print(f"\nlookup benchmark: {n:,} rows, d = {d}, batches of [{cfg.batch_size}, "
           f"{cfg.max_len}] random row ids, fp32 output, one core, best of {cfg.repeats}")
-    print(f"| {'what':<52} | {'rows/s':>12} | {'x index_select':>14} | {'GB/s moved':>10} | "
-          f"{'x memcpy':>8} |")
-    print(f"|{'-' * 54}|{'-' * 14}|{'-' * 16}|{'-' * 12}|{'-' * 10}|")
+    table = []
     for name, row_bytes, seconds in results:
         rate = rows_per_run / seconds
         moved = rate * (row_bytes + 4 * d)  # row read + fp32 output row written
-        print(f"| {name:<52} | {rate:>12,.0f} | {rate / ref:>14.2f} | {moved / 1e9:>10.2f} | "
-              f"{moved / copy_bps:>8.2f} |")
-    print(f"| {f'Tensor.copy_ of {cfg.copy_mib} MiB (memory-copy reference)':<52} | "
-          f"{'':>12} | {'':>14} | {copy_bps / 1e9:>10.2f} | {1:>8.2f} |")
+        table.append((name, rate, rate / ref, moved / 1e9, moved / copy_bps))
+    table.append((f"Tensor.copy_ of {cfg.copy_mib} MiB (memory-copy reference)", "", "",
+                  copy_bps / 1e9, 1))
+    print(markdown_table([("what", "<52"), ("rows/s", ">12,.0f"), ("x index_select", ">14.2f"),
+                          ("GB/s moved", ">10.2f"), ("x memcpy", ">8.2f")], table))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ the same run (the device's practical peak for this dtype).
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -29,6 +28,8 @@ from torch import nn
 
 from iat_torchrec.config import parse_config
 from iat_torchrec.models.mixer import MultiHeadAttention, SIFMixer, SIFMixerConfig
+
+from bench_common import best_time, markdown_table
 
 
 @dataclasses.dataclass
@@ -113,29 +114,17 @@ def flat_flops(b: int, length: int, t: int, d: int, blocks: int, ffn_mult: int) 
     return float((blocks - 1) * per_block + last)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_time(step: Callable[[], None], repeats: int, device: torch.device) -> float:
-    """Best wall time of ``step`` over ``repeats`` runs, after one warm-up run."""
-    step()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+def device_time(step: Callable[[], None], repeats: int, device: torch.device) -> float:
+    """Best wall time of ``step`` on ``device`` over ``repeats`` runs, after one warm-up run."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return best_time(step, repeats, warmup=True, sync=sync)
 
 
 def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
     """FLOP/s of an n x n by n x n matrix product."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2.0 * n ** 3 / best_time(lambda: torch.mm(a, b), repeats, device)
+    return 2.0 * n ** 3 / device_time(lambda: torch.mm(a, b), repeats, device)
 
 
 def _train_step(model: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> Callable[[], None]:
@@ -164,12 +153,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         history = torch.randn(b, length, t, d, device=device, dtype=dtype)
         mask = torch.ones(b, length, dtype=torch.bool, device=device)
         inputs = (target, history, mask)
-        t_flat = best_time(_train_step(flat, inputs), cfg.repeats, device)
-        t_mix = best_time(_train_step(mixer, inputs), cfg.repeats, device)
+        t_flat = device_time(_train_step(flat, inputs), cfg.repeats, device)
+        t_mix = device_time(_train_step(mixer, inputs), cfg.repeats, device)
         f_flat = 3 * flat_flops(b, length, t, d, cfg.num_blocks, config.ffn_mult)
         f_mix = 3 * mixer_flops(b, length, t, d, cfg.num_blocks, config.ffn_mult)
-        rows.append((length, "flat attention (reference)", t_flat, 1.0, f_flat / t_flat))
-        rows.append((length, "SIF-Mixer", t_mix, t_flat / t_mix, f_mix / t_mix))
+        for what, seconds, speedup, flops in (("flat attention (reference)", t_flat, 1.0, f_flat),
+                                              ("SIF-Mixer", t_mix, t_flat / t_mix, f_mix)):
+            rate = flops / seconds
+            rows.append((length, (length + 1) * t, what, seconds * 1e3, speedup, rate / 1e9,
+                         rate / peak))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
@@ -177,12 +169,8 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"N = {cfg.num_blocks}, heads = {cfg.num_heads}, forward + backward, best of "
           f"{cfg.repeats}")
     print(f"reference matmul {size} x {size}: {peak / 1e9:,.1f} GFLOP/s")
-    print(f"| {'L':>5} | {'tokens':>7} | {'what':<27} | {'ms / step':>10} | {'x flat':>7} | "
-          f"{'GFLOP/s':>8} | {'x matmul':>8} |")
-    print(f"|{'-' * 7}|{'-' * 9}|{'-' * 29}|{'-' * 12}|{'-' * 9}|{'-' * 10}|{'-' * 10}|")
-    for length, what, seconds, speedup, rate in rows:
-        print(f"| {length:>5} | {(length + 1) * t:>7,} | {what:<27} | {seconds * 1e3:>10.1f} | "
-              f"{speedup:>7.2f} | {rate / 1e9:>8.2f} | {rate / peak:>8.3f} |")
+    print(markdown_table([("L", ">5"), ("tokens", ">7,"), ("what", "<27"), ("ms / step", ">10.1f"),
+                          ("x flat", ">7.2f"), ("GFLOP/s", ">8.2f"), ("x matmul", ">8.3f")], rows))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Iterable, List, Tuple
 
@@ -30,7 +29,8 @@ from iat_torchrec.config import parse_config
 from iat_torchrec.data.log import log_files
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec
-from iat_torchrec.data.synthetic import SyntheticConfig, generate
+
+from bench_common import best_time, criteo_shaped_log, rate_table
 
 
 @dataclasses.dataclass
@@ -44,13 +44,10 @@ class BenchReaderConfig:
 
 
 def _best_rate(rows: int, run: Callable[[], int], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    def checked() -> None:
         seen = run()
-        best = min(best, time.perf_counter() - start)
         assert seen == rows, f"read {seen} rows, expected {rows}"
-    return rows / best
+    return rows / best_time(checked, repeats)
 
 
 def _count(batches: Iterable) -> int:
@@ -84,9 +81,7 @@ def main(argv: List[str] = None) -> None:
 
     with tempfile.TemporaryDirectory(dir=cfg.work_dir or None) as tmp:
         tmp = Path(tmp)
-        data = SyntheticConfig(num_instances=cfg.num_instances, num_sparse_fields=26,
-                               num_dense_fields=13)
-        log = generate(data, tmp / "log")
+        log = criteo_shaped_log(cfg.num_instances, tmp / "log")
         spec = FeatureSpec.load(log)
         dense, sparse, labels = _criteo_arrays(log, spec, tmp)
         pin_one_core()
@@ -119,10 +114,7 @@ def main(argv: List[str] = None) -> None:
     ref = rates[0][1]
     print(f"\nreader benchmark: {n:,} instances, 26 sparse + 13 dense fields, batch "
           f"{cfg.batch_size}, one core, best of {cfg.repeats}")
-    print(f"| {'what':<66} | {'instances/s':>12} | {'x reference':>11} |")
-    print(f"|{'-' * 68}|{'-' * 14}|{'-' * 13}|")
-    for name, rate in rates:
-        print(f"| {name:<66} | {rate:>12,.0f} | {rate / ref:>11.2f} |")
+    print(rate_table(rates, ref, what_width=66))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import argparse
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -41,14 +40,7 @@ from iat_torchrec.data.synthetic import (
     iter_tables,
 )
 
-
-def _timed(fn: Callable[[], None], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from bench_common import best_time
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -99,11 +91,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     pass
             return run
 
-        t_numpy = _timed(numpy_draws, repeat)
-        t_write = _timed(pyarrow_write, repeat)
-        t_gen0 = _timed(gen(0), repeat)
-        t_gen = _timed(gen(cfg.threads), repeat)
-        t_all = _timed(lambda: generate(cfg, fresh()), repeat)
+        t_numpy = best_time(numpy_draws, repeat)
+        t_write = best_time(pyarrow_write, repeat)
+        t_gen0 = best_time(gen(0), repeat)
+        t_gen = best_time(gen(cfg.threads), repeat)
+        t_all = best_time(lambda: generate(cfg, fresh()), repeat)
 
     rows: List[Tuple[str, float, str, float]] = [
         (f"numpy: draw {values} random floats per instance", t_numpy, "", 0.0),

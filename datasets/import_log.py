@@ -7,26 +7,15 @@
 Options: iat_torchrec.data.importer.ImportConfig (the same names as import_log's arguments).
 """
 
-import dataclasses
 import sys
-import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from _common import run_config  # first: puts the repository on sys.path
 
-from iat_torchrec.config import parse_config  # noqa: E402
-from iat_torchrec.data.importer import ImportConfig, import_log  # noqa: E402
+from iat_torchrec.data.importer import ImportConfig, import_log
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(ImportConfig, argv)
-    t0 = time.perf_counter()
-    summary = import_log(**dataclasses.asdict(cfg))
-    print(summary.format())
-    print(f"imported {cfg.source} ({time.perf_counter() - t0:.1f} s)")
-    return 0
+    return run_config(ImportConfig, import_log, "imported {cfg.source}", argv)
 
 
 if __name__ == "__main__":

@@ -9,28 +9,20 @@ when it does not exist relative to the current directory. Options: iat_torchrec.
 MovieLensConfig (the same names as import_movielens's arguments).
 """
 
-import dataclasses
 import sys
-import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from _common import run_config  # first: puts the repository on sys.path
 
-from iat_torchrec.config import parse_config  # noqa: E402
-from iat_torchrec.data.movielens import (  # noqa: E402
-    MovieLensConfig, import_movielens, resolve_source)
+from iat_torchrec.data.movielens import MovieLensConfig, import_movielens, resolve_source
+
+
+def _resolve(cfg: MovieLensConfig) -> None:
+    cfg.source = str(resolve_source(cfg.source))
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(MovieLensConfig, argv)
-    cfg.source = str(resolve_source(cfg.source))
-    t0 = time.perf_counter()
-    summary = import_movielens(**dataclasses.asdict(cfg))
-    print(summary.format())
-    print(f"imported {cfg.source} ({time.perf_counter() - t0:.1f} s)")
-    return 0
+    return run_config(MovieLensConfig, import_movielens, "imported {cfg.source}", argv,
+                      prepare=_resolve)
 
 
 if __name__ == "__main__":

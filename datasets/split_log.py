@@ -10,28 +10,15 @@
 Options: iat_torchrec.data.splits.SplitConfig (the same names as split_log's arguments).
 """
 
-import dataclasses
 import sys
-import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from _common import run_config  # first: puts the repository on sys.path
 
-from iat_torchrec.config import parse_config  # noqa: E402
-from iat_torchrec.data.splits import SplitConfig, split_log  # noqa: E402
+from iat_torchrec.data.splits import SplitConfig, split_log
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(SplitConfig, argv)
-    t0 = time.perf_counter()
-    summaries = split_log(**dataclasses.asdict(cfg))
-    for name, summary in summaries.items():
-        print(f"[{name}]")
-        print(summary.format())
-    print(f"split {cfg.source} -> {cfg.output} ({time.perf_counter() - t0:.1f} s)")
-    return 0
+    return run_config(SplitConfig, split_log, "split {cfg.source} -> {cfg.output}", argv)
 
 
 if __name__ == "__main__":

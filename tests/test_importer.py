@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import read_log
 
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.importer import ImportConfig, SourceFormatError, import_log
@@ -26,10 +27,6 @@ CSV_TEXT = ("userId,time,click,item,cats,query,price,extra\n"
             "3,100,0,6,,99,2.25,b\n"
             "7,100,1,7,4,-5,0,c\n"
             "3,300,0,8, 9 | 0 ,42,-1e3,d\n")
-
-
-def read_log(path: Path) -> pa.Table:
-    return pa.concat_tables(pq.read_table(f) for f in sorted(Path(path).glob("*.parquet")))
 
 
 @pytest.fixture
@@ -162,68 +159,49 @@ def expect_error(tmp_path, spec_file, text, pattern, **kwargs):
 
 
 HEADER = "userId,time,click,item,cats,query,price\n"
+GOOD = HEADER + "1,1,1,1,1,1,1\n"  # the header and a valid line 2
+LIST = HEADER + "1,1,1,1,1|2,1,1\n"
+
+# (case: source text, error pattern, import_log options); the bad value is on line 3
+CSV_ERRORS = {
+    "missing_column": ("userId,time,click,item,cats,price\n1,1,1,1,1,1\n",
+                       r"log\.csv: missing column 'query' required by the feature spec", {}),
+    "missing_user_column": (GOOD, r"missing column 'user_id'.*--user_column",
+                            {"user_column": "user_id"}),
+    "bad_id": (GOOD + "2,2,1,x9,1,1,1\n",
+               r"log\.csv, line 3, column 'item': expected an integer id, got 'x9'", {}),
+    "non_integral_id": (GOOD + "2,2,1,1.5,1,1,1\n",
+                        r"line 3, column 'item': expected an integer id, got 1\.5", {}),
+    "id_outside_vocabulary": (GOOD + "2,2,1,100,1,1,1\n",
+                              r"line 3, column 'item': id 100 outside the vocabulary \[0, 100\)",
+                              {}),
+    "bad_list": (LIST + "2,2,1,1,3|b,1,1\n", r"line 3, column 'cats': expected integer ids "
+                                               r"separated by '\|', got 'b' in '3\|b'", {}),
+    "list_id_outside_vocabulary": (LIST + "2,2,1,1,3|12,1,1\n", r"line 3, column 'cats': id 12 "
+                                                                 r"outside the vocabulary "
+                                                                 r"\[0, 10\)", {}),
+    "bad_label": (GOOD + "2,2,2,1,1,1,1\n", r"line 3, column 'click': label 2\.0 is not 0 or 1",
+                  {}),
+    "empty_value": (GOOD + "2,,1,1,1,1,1\n", r"line 3, column 'ts': missing value \(empty, null "
+                                             r"or NaN\), expected a timestamp", {}),
+    "bad_dense": (GOOD + "2,2,1,1,1,1,cheap\n",
+                  r"line 3, column 'price': expected a number, got 'cheap'", {}),
+    "nan_dense": (GOOD + "2,2,1,1,1,1,nan\n",
+                  r"line 3, column 'price': missing value \(empty, null or NaN\)", {}),
+    "inf_dense": (GOOD + "2,2,1,1,1,1,inf\n",
+                  r"line 3, column 'price': inf is not a finite float32", {}),
+    "negative_ts": (GOOD + "2,-4,1,1,1,1,1\n", r"line 3, column 'ts': negative timestamp -4", {}),
+    "malformed_line": (GOOD + "2,2,1\n", r"line 3: malformed line: expected 7 fields", {}),
+    "duplicate_instance_id": ("instance_id," + HEADER + "5,1,1,1,1,1,1,1\n5,2,2,1,1,1,1,1\n",
+                              r"line 3, column 'instance_id': duplicate instance_id 5 \(first "
+                              r"seen at log\.csv line 2\)", {}),
+}
 
 
-def test_error_missing_column(tmp_path, spec_file):
-    expect_error(tmp_path, spec_file, "userId,time,click,item,cats,price\n1,1,1,1,1,1\n",
-                 r"log\.csv: missing column 'query' required by the feature spec")
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1,1,1\n",
-                 r"missing column 'user_id'.*--user_column", user_column="user_id")
-
-
-def test_error_bad_id(tmp_path, spec_file):
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1,1,1\n2,2,1,x9,1,1,1\n",
-                 r"log\.csv, line 3, column 'item': expected an integer id, got 'x9'")
-
-
-def test_error_non_integral_id(tmp_path, spec_file):
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1,1,1\n2,2,1,1.5,1,1,1\n",
-                 r"line 3, column 'item': expected an integer id, got 1\.5")
-
-
-def test_error_id_outside_vocabulary(tmp_path, spec_file):
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1,1,1\n2,2,1,100,1,1,1\n",
-                 r"line 3, column 'item': id 100 outside the vocabulary \[0, 100\)")
-
-
-def test_error_bad_list(tmp_path, spec_file):
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1|2,1,1\n2,2,1,1,3|b,1,1\n",
-                 r"line 3, column 'cats': expected integer ids separated by '\|', got 'b' in "
-                 r"'3\|b'")
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1|2,1,1\n2,2,1,1,3|12,1,1\n",
-                 r"line 3, column 'cats': id 12 outside the vocabulary \[0, 10\)")
-
-
-def test_error_bad_label(tmp_path, spec_file):
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1,1,1\n2,2,2,1,1,1,1\n",
-                 r"line 3, column 'click': label 2\.0 is not 0 or 1")
-
-
-def test_error_empty_value(tmp_path, spec_file):
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1,1,1\n2,,1,1,1,1,1\n",
-                 r"line 3, column 'ts': missing value \(empty, null or NaN\), expected a timestamp")
-
-
-def test_error_bad_dense(tmp_path, spec_file):
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1,1,1\n2,2,1,1,1,1,cheap\n",
-                 r"line 3, column 'price': expected a number, got 'cheap'")
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1,1,1\n2,2,1,1,1,1,nan\n",
-                 r"line 3, column 'price': missing value \(empty, null or NaN\)")
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1,1,1\n2,2,1,1,1,1,inf\n",
-                 r"line 3, column 'price': inf is not a finite float32")
-
-
-def test_error_negative_ts_and_malformed_line(tmp_path, spec_file):
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1,1,1\n2,-4,1,1,1,1,1\n",
-                 r"line 3, column 'ts': negative timestamp -4")
-    expect_error(tmp_path, spec_file, HEADER + "1,1,1,1,1,1,1\n2,2,1\n",
-                 r"line 3: malformed line: expected 7 fields")
-
-
-def test_error_duplicate_instance_id(tmp_path, spec_file):
-    expect_error(tmp_path, spec_file, "instance_id," + HEADER + "5,1,1,1,1,1,1,1\n5,2,2,1,1,1,1,1\n",
-                 r"line 3, column 'instance_id': duplicate instance_id 5 \(first seen at log\.csv "
-                 r"line 2\)")
+@pytest.mark.parametrize("case", list(CSV_ERRORS))
+def test_error_csv(tmp_path, spec_file, case):
+    text, pattern, kwargs = CSV_ERRORS[case]
+    expect_error(tmp_path, spec_file, text, pattern, **kwargs)
 
 
 def test_error_parquet_row(tmp_path, spec_file):

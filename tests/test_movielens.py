@@ -3,11 +3,11 @@
 import json
 import warnings
 from pathlib import Path
+from typing import Dict, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import pytest
 
 from iat_torchrec.data.log import validate_log
@@ -20,25 +20,13 @@ from iat_torchrec.data.movielens import (
     import_movielens,
     log_bucket,
 )
-from conftest import ML_LATEST_SMALL, require_ml_latest_small
+from conftest import ML_LATEST_SMALL as ML_SMALL
+from conftest import read_log
 from iat_torchrec.data.spec import FeatureGroup, FeatureSpec
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-ML_SMALL = ML_LATEST_SMALL
-
-
-def read_log(path: Path) -> pa.Table:
-    return pa.concat_tables(pq.read_table(f) for f in sorted(Path(path).glob("*.parquet")))
 
 
 # --------------------------------------------------------------------------- ml-latest-small
-@pytest.fixture(scope="module")
-def ml_small_log(tmp_path_factory):
-    require_ml_latest_small()
-    out = tmp_path_factory.mktemp("ml") / "ml-latest-small"
-    return out, import_movielens(ML_SMALL, out)
-
-
+# (the ml_small_log fixture, imported once per session, is in conftest.py)
 def test_ml_latest_small_counts_and_label_rate(ml_small_log):
     out, summary = ml_small_log
     ratings = pacsv.read_csv(ML_SMALL / "ratings.csv")
@@ -131,27 +119,34 @@ def write(path: Path, text: str, encoding: str = "utf8") -> Path:
     return path
 
 
+def source_dir(d: Path, files: Dict[str, str], latin1: Sequence[str] = ()) -> Path:
+    """A new MovieLens source directory ``d`` of ``files`` (name: text), the ``latin1`` ones
+    encoded as latin-1 and the others as utf8."""
+    d.mkdir()
+    for name, text in files.items():
+        write(d / name, text, "latin-1" if name in latin1 else "utf8")
+    return d
+
+
 @pytest.fixture
 def csv_dir(tmp_path):
-    d = tmp_path / "csv"
-    d.mkdir()
-    write(d / "ratings.csv", "userId,movieId,rating,timestamp\n"
-                             "1,10,4.0,1000\n"
-                             "1,20,3.5,1000\n"
-                             "2,10,5.0,500\n"
-                             "1,30,4.5,5000\n"
-                             "2,30,1.0,90000\n")
-    write(d / "movies.csv", "movieId,title,genres\n"
-                            "30,\"Thing, The (1982)\",Horror|Sci-Fi\n"
-                            "10,Toy Story (1995),Animation|Comedy\n"
-                            "20,Stranger Things,(no genres listed)\n")
-    write(d / "tags.csv", "userId,movieId,tag,timestamp\n"
-                          "1,10,Pixar,900\n"
-                          "1,10,fun,2000\n"
-                          "2,30,Creepy ,80000\n"
-                          "2,30,creepy,95000\n")
-    write(d / "README.txt", "licence text\n")
-    return d
+    return source_dir(tmp_path / "csv", {
+        "ratings.csv": "userId,movieId,rating,timestamp\n"
+                       "1,10,4.0,1000\n"
+                       "1,20,3.5,1000\n"
+                       "2,10,5.0,500\n"
+                       "1,30,4.5,5000\n"
+                       "2,30,1.0,90000\n",
+        "movies.csv": "movieId,title,genres\n"
+                      "30,\"Thing, The (1982)\",Horror|Sci-Fi\n"
+                      "10,Toy Story (1995),Animation|Comedy\n"
+                      "20,Stranger Things,(no genres listed)\n",
+        "tags.csv": "userId,movieId,tag,timestamp\n"
+                    "1,10,Pixar,900\n"
+                    "1,10,fun,2000\n"
+                    "2,30,Creepy ,80000\n"
+                    "2,30,creepy,95000\n",
+        "README.txt": "licence text\n"})
 
 
 def test_csv_fixture(csv_dir, tmp_path):
@@ -189,27 +184,6 @@ def test_csv_without_tags(csv_dir, tmp_path):
     assert "tags" not in FeatureSpec.load(tmp_path / "out").sparse_names
 
 
-def test_csv_missing_column(csv_dir, tmp_path):
-    write(csv_dir / "ratings.csv", "userId,movieId,timestamp\n1,10,1000\n")
-    with pytest.raises(MovieLensError, match=r"ratings\.csv, line 1: missing column.*'rating'"):
-        import_movielens(csv_dir, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-def test_csv_malformed_line(csv_dir, tmp_path):
-    write(csv_dir / "ratings.csv", "userId,movieId,rating,timestamp\n1,10,4,1000\n2,20\n")
-    with pytest.raises(MovieLensError, match=r"ratings\.csv, line 3: malformed line: expected 4 "
-                                             r"fields separated by ',', got 2"):
-        import_movielens(csv_dir, tmp_path / "out")
-
-
-def test_csv_bad_value(csv_dir, tmp_path):
-    write(csv_dir / "ratings.csv", "userId,movieId,rating,timestamp\n1,10,4,1000\n2,x7,4,5\n")
-    with pytest.raises(MovieLensError, match=r"ratings\.csv, line 3, column 'movieId': expected "
-                                             r"an integer, got 'x7'"):
-        import_movielens(csv_dir, tmp_path / "out")
-
-
 def test_unrecognised_directory(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "junk.txt").write_text("x")
@@ -236,21 +210,19 @@ def _flags(*on):
 
 @pytest.fixture
 def ml100k_dir(tmp_path):
-    d = tmp_path / "ml-100k"
-    d.mkdir()
-    write(d / "u.data", "1\t10\t4\t100\n"
-                        "1\t20\t3\t200\n"
-                        "2\t10\t5\t150\n"
-                        "2\t30\t2\t150\n"
-                        "1\t30\t5\t300\n"
-                        "3\t99\t4\t50\n")
-    write(d / "u.item", f"10|Toy Story (1995)|01-Jan-1995||http://x|{_flags(3, 4, 5)}\n"
-                        f"20|Caf\u00e9 Society|01-Jan-1980||http://x|{_flags(1)}\n"
-                        f"30|unknown||||{_flags(0)}\n", encoding="latin-1")
-    write(d / "u.user", "1|24|M|technician|85711\n"
-                        "2|53|F|other|94043\n")
-    write(d / "README", "ml-100k readme\n")
-    return d
+    return source_dir(tmp_path / "ml-100k", {
+        "u.data": "1\t10\t4\t100\n"
+                  "1\t20\t3\t200\n"
+                  "2\t10\t5\t150\n"
+                  "2\t30\t2\t150\n"
+                  "1\t30\t5\t300\n"
+                  "3\t99\t4\t50\n",
+        "u.item": f"10|Toy Story (1995)|01-Jan-1995||http://x|{_flags(3, 4, 5)}\n"
+                  f"20|Caf\u00e9 Society|01-Jan-1980||http://x|{_flags(1)}\n"
+                  f"30|unknown||||{_flags(0)}\n",
+        "u.user": "1|24|M|technician|85711\n"
+                  "2|53|F|other|94043\n",
+        "README": "ml-100k readme\n"}, latin1=["u.item"])
 
 
 def test_ml100k_fixture(ml100k_dir, tmp_path):
@@ -281,38 +253,20 @@ def test_ml100k_fixture(ml100k_dir, tmp_path):
     assert vocab["genres"] == ["Action", "Animation", "Children's", "Comedy"]
 
 
-def test_ml100k_bad_value_names_line_and_column(ml100k_dir, tmp_path):
-    write(ml100k_dir / "u.data", "1\t10\t4\t100\n1\t20\tfour\t200\n")
-    with pytest.raises(MovieLensError, match=r"u\.data, line 2, column 'rating': expected a "
-                                             r"number, got 'four'"):
-        import_movielens(ml100k_dir, tmp_path / "out")
-
-
-def test_ml100k_malformed_item_line(ml100k_dir, tmp_path):
-    write(ml100k_dir / "u.item", f"10|Toy Story (1995)|01-Jan-1995||http://x|{_flags(3)}\n"
-                                 "20|Broken|line\n")
-    with pytest.raises(MovieLensError, match=r"u\.item, line 2: malformed line: expected 24 "
-                                             r"fields separated by '\|', got 3"):
-        import_movielens(ml100k_dir, tmp_path / "out")
-
-
 # --------------------------------------------------------------------------- ml-1m fixture
 @pytest.fixture
 def ml1m_dir(tmp_path):
-    d = tmp_path / "ml-1m"
-    d.mkdir()
-    write(d / "ratings.dat", "1::1193::5::978300760\n"
-                             "1::1::3::978302109\n"
-                             "2::1193::4::978300760\n"
-                             "2::2::1::978299000\n")
-    write(d / "movies.dat", "1::Toy Story (1995)::Animation|Children's|Comedy\n"
-                            "2::Caf\u00e9: \"Quoted\" (2000)::Drama\n"
-                            "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n",
-          encoding="latin-1")
-    write(d / "users.dat", "1::F::1::10::48067\n"
-                           "2::M::56::16::70072-1234\n")
-    write(d / "README", "ml-1m readme\n")
-    return d
+    return source_dir(tmp_path / "ml-1m", {
+        "ratings.dat": "1::1193::5::978300760\n"
+                       "1::1::3::978302109\n"
+                       "2::1193::4::978300760\n"
+                       "2::2::1::978299000\n",
+        "movies.dat": "1::Toy Story (1995)::Animation|Children's|Comedy\n"
+                      "2::Caf\u00e9: \"Quoted\" (2000)::Drama\n"
+                      "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n",
+        "users.dat": "1::F::1::10::48067\n"
+                     "2::M::56::16::70072-1234\n",
+        "README": "ml-1m readme\n"}, latin1=["movies.dat"])
 
 
 def test_ml1m_fixture(ml1m_dir, tmp_path):
@@ -346,11 +300,40 @@ def test_ml1m_without_users_file(ml1m_dir, tmp_path):
     assert "gender" not in FeatureSpec.load(tmp_path / "out").sparse_names
 
 
-def test_ml1m_malformed_line(ml1m_dir, tmp_path):
-    write(ml1m_dir / "ratings.dat", "1::1193::5::978300760\n1::1::3\n")
-    with pytest.raises(MovieLensError, match=r"ratings\.dat, line 2: malformed line: expected 4 "
-                                             r"fields separated by '::', got 3: '1::1::3'"):
-        import_movielens(ml1m_dir, tmp_path / "out")
+# --------------------------------------------------------------------------- bad files
+# (case: fixture directory, file rewritten, its text, the error it must raise); nothing is written
+BAD_FILES = {
+    "csv_missing_column": ("csv_dir", "ratings.csv", "userId,movieId,timestamp\n1,10,1000\n",
+                           r"ratings\.csv, line 1: missing column.*'rating'"),
+    "csv_malformed_line": ("csv_dir", "ratings.csv",
+                           "userId,movieId,rating,timestamp\n1,10,4,1000\n2,20\n",
+                           r"ratings\.csv, line 3: malformed line: expected 4 fields separated "
+                           r"by ',', got 2"),
+    "csv_bad_value": ("csv_dir", "ratings.csv",
+                      "userId,movieId,rating,timestamp\n1,10,4,1000\n2,x7,4,5\n",
+                      r"ratings\.csv, line 3, column 'movieId': expected an integer, got 'x7'"),
+    "ml100k_bad_value_names_line_and_column": (
+        "ml100k_dir", "u.data", "1\t10\t4\t100\n1\t20\tfour\t200\n",
+        r"u\.data, line 2, column 'rating': expected a number, got 'four'"),
+    "ml100k_malformed_item_line": (
+        "ml100k_dir", "u.item",
+        f"10|Toy Story (1995)|01-Jan-1995||http://x|{_flags(3)}\n20|Broken|line\n",
+        r"u\.item, line 2: malformed line: expected 24 fields separated by '\|', got 3"),
+    "ml1m_malformed_line": (
+        "ml1m_dir", "ratings.dat", "1::1193::5::978300760\n1::1::3\n",
+        r"ratings\.dat, line 2: malformed line: expected 4 fields separated by '::', got 3: "
+        r"'1::1::3'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_file(request, tmp_path, case):
+    fixture, name, text, pattern = BAD_FILES[case]
+    source = request.getfixturevalue(fixture)
+    write(source / name, text)
+    with pytest.raises(MovieLensError, match=pattern):
+        import_movielens(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_ml1m_missing_catalogue(ml1m_dir, tmp_path):

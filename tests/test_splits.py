@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import ML_LATEST_SMALL, require_ml_latest_small
+from conftest import ML_LATEST_SMALL as ML_SMALL
+from conftest import read_log
 
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.log import write_log
-from iat_torchrec.data.movielens import import_movielens
 from iat_torchrec.data.spec import FeatureSpec, SparseField
 from iat_torchrec.data.splits import (
     SPLIT_MANIFEST,
@@ -28,14 +27,7 @@ from iat_torchrec.data.splits import (
     time_cut_assignment,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-ML_SMALL = ML_LATEST_SMALL
-
 SPEC = FeatureSpec(sparse=[SparseField("item", 1000)], dense=[], labels=["click"])
-
-
-def read_log(path: Path) -> pa.Table:
-    return pa.concat_tables(pq.read_table(f) for f in sorted(Path(path).glob("*.parquet")))
 
 
 def make_log(path: Path, users, ts, instance_ids=None, rows_per_file=1_000_000) -> Path:
@@ -174,10 +166,8 @@ def test_config_names_match_the_library(tmp_path):
 
 
 # --------------------------------------------------------------------------- MovieLens P1
-def test_p1_on_ml_latest_small(tmp_path):
-    require_ml_latest_small()
-    log = tmp_path / "ml"
-    import_movielens(ML_SMALL, log)
+def test_p1_on_ml_latest_small(tmp_path, ml_small_log):
+    log, _ = ml_small_log
     summaries = split_per_user(log, tmp_path / "p1")
     full = read_log(log)
     users = full["user_id"].to_numpy()

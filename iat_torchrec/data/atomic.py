@@ -11,7 +11,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Self, Union
 
 
 class OutputExistsError(FileExistsError):
@@ -52,3 +52,23 @@ def atomic_output(path: Union[str, os.PathLike], overwrite: bool = False) -> Ite
         _remove(old)
     else:
         os.replace(tmp, path)
+
+
+class CommitOnExit:
+    """A writer that is its own context manager: :meth:`close` commits the output on a normal
+    exit of the ``with`` block, :meth:`abort` drops it when the block raises."""
+
+    def close(self) -> object:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

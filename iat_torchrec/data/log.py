@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.data.atomic import CommitOnExit, atomic_output
 from iat_torchrec.data.spec import (INSTANCE_ID, KEY_COLUMNS, TS, USER_ID, FeatureSpec,
                                     SpecError, spec_path)
 
@@ -117,7 +117,7 @@ def read_key_columns(files: List[Path]) -> KeyColumns:
                       np.asarray(starts, dtype=np.int64), groups)
 
 
-class LogWriter:
+class LogWriter(CommitOnExit):
     """Stream tables into a new instance log directory, written atomically.
 
     Tables are cast to the spec's schema and cut into files of ``rows_per_file`` rows. The
@@ -198,15 +198,6 @@ class LogWriter:
             self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
         except RuntimeError:
             pass
-
-    def __enter__(self) -> "LogWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_log(tables: Union[pa.Table, Iterable[pa.Table]], path: PathLike, spec: FeatureSpec,

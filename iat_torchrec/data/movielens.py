@@ -168,6 +168,34 @@ def read_delimited(path: Path, **kwargs) -> pa.Table:
 _INT = pa.int64()
 _FLOAT = pa.float64()
 _STR = pa.string()
+# Columns of the files, in the classic formats' (header-less) order; None: read, not typed.
+_RATING_COLUMNS = {"userId": _INT, "movieId": _INT, "rating": _FLOAT, "timestamp": _INT}
+_MOVIE_COLUMNS = {"movieId": _INT, "title": _STR, "genres": _STR}
+_TAG_COLUMNS = {"userId": _INT, "movieId": _INT, "tag": _STR, "timestamp": _INT}
+_Columns = Dict[str, Optional[pa.DataType]]
+
+
+def _read_with_header(path: Path, columns: _Columns) -> pa.Table:
+    """``columns`` of a csv-format file (a header line naming them, others ignored)."""
+    return read_delimited(path, required=list(columns), include=list(columns),
+                          column_types=columns)
+
+
+def _read_classic(path: Path, delimiter: str, columns: _Columns,
+                  encoding: str = "utf8") -> pa.Table:
+    """A classic-format file: no header, exactly ``columns``, no quoting."""
+    return read_delimited(path, delimiter=delimiter, column_names=list(columns),
+                          column_types={c: t for c, t in columns.items() if t is not None},
+                          encoding=encoding, quoting=False)
+
+
+def _catalogue(d: Path, fmt: str, movies: str, ratings: str) -> Path:
+    """The movie catalogue ``d / movies``, which must exist."""
+    mp = d / movies
+    if not mp.is_file():
+        raise MovieLensError(mp, f"movie catalogue not found (the {fmt} format needs {movies} "
+                                 f"beside {ratings})")
+    return mp
 
 
 def _list_of_strings(n: int, rows: np.ndarray, values: pa.Array) -> pa.Array:
@@ -179,26 +207,14 @@ def _list_of_strings(n: int, rows: np.ndarray, values: pa.Array) -> pa.Array:
 
 def _read_csv_format(d: Path) -> _Raw:
     rp = d / "ratings.csv"
-    r = read_delimited(rp, required=["userId", "movieId", "rating", "timestamp"],
-                       include=["userId", "movieId", "rating", "timestamp"],
-                       column_types={"userId": _INT, "movieId": _INT, "rating": _FLOAT,
-                                     "timestamp": _INT})
-    mp = d / "movies.csv"
-    if not mp.is_file():
-        raise MovieLensError(mp, "movie catalogue not found (the csv format needs movies.csv "
-                                 "beside ratings.csv)")
-    m = read_delimited(mp, required=["movieId", "title", "genres"],
-                       include=["movieId", "title", "genres"],
-                       column_types={"movieId": _INT, "title": _STR, "genres": _STR})
+    r = _read_with_header(rp, _RATING_COLUMNS)
+    mp = _catalogue(d, "csv", "movies.csv", rp.name)
+    m = _read_with_header(mp, _MOVIE_COLUMNS)
     raw = _Raw("csv", _ratings(r), rp, _np(m, "movieId"), m["title"].combine_chunks(),
                pc.split_pattern(m["genres"].combine_chunks(), "|"), None, mp, 1)
     tp = d / "tags.csv"
     if tp.is_file():
-        t = read_delimited(tp, required=["userId", "movieId", "tag", "timestamp"],
-                           include=["userId", "movieId", "tag", "timestamp"],
-                           column_types={"userId": _INT, "movieId": _INT, "tag": _STR,
-                                         "timestamp": _INT})
-        raw.tags = _tags(t)
+        raw.tags = _tags(_read_with_header(tp, _TAG_COLUMNS))
     return raw
 
 
@@ -214,54 +230,30 @@ def _tags(t: pa.Table) -> Dict[str, object]:
 
 def _read_ml1m(d: Path) -> _Raw:
     rp = d / "ratings.dat"
-    names = ["userId", "movieId", "rating", "timestamp"]
-    r = read_delimited(rp, delimiter="::", column_names=names,
-                       column_types={"userId": _INT, "movieId": _INT, "rating": _FLOAT,
-                                     "timestamp": _INT}, quoting=False)
-    mp = d / "movies.dat"
-    if not mp.is_file():
-        raise MovieLensError(mp, "movie catalogue not found (the ml-1m format needs movies.dat "
-                                 "beside ratings.dat)")
-    m = read_delimited(mp, delimiter="::", column_names=["movieId", "title", "genres"],
-                       column_types={"movieId": _INT, "title": _STR, "genres": _STR},
-                       encoding="latin-1", quoting=False)
+    r = _read_classic(rp, "::", _RATING_COLUMNS)
+    mp = _catalogue(d, "ml-1m", "movies.dat", rp.name)
+    m = _read_classic(mp, "::", _MOVIE_COLUMNS, encoding="latin-1")
     raw = _Raw("ml-1m", _ratings(r), rp, _np(m, "movieId"), m["title"].combine_chunks(),
                pc.split_pattern(m["genres"].combine_chunks(), "|"), None, mp, 0)
     up = d / "users.dat"
     if up.is_file():
-        u = read_delimited(up, delimiter="::",
-                           column_names=["userId", "gender", "age", "occupation", "zip"],
-                           column_types={"userId": _INT, "gender": _STR, "age": _INT,
-                                         "occupation": _INT, "zip": _STR},
-                           encoding="latin-1", quoting=False)
+        u = _read_classic(up, "::", {"userId": _INT, "gender": _STR, "age": _INT,
+                                     "occupation": _INT, "zip": _STR}, encoding="latin-1")
         raw.users = _user_attributes(u, bucket_age=False)
     tp = d / "tags.dat"
     if tp.is_file():
-        t = read_delimited(tp, delimiter="::", column_names=["userId", "movieId", "tag",
-                                                             "timestamp"],
-                           column_types={"userId": _INT, "movieId": _INT, "tag": _STR,
-                                         "timestamp": _INT}, encoding="utf8", quoting=False)
-        raw.tags = _tags(t)
+        raw.tags = _tags(_read_classic(tp, "::", _TAG_COLUMNS))
     return raw
 
 
 def _read_ml100k(d: Path) -> _Raw:
     rp = d / "u.data"
-    r = read_delimited(rp, delimiter="\t", column_names=["userId", "movieId", "rating",
-                                                         "timestamp"],
-                       column_types={"userId": _INT, "movieId": _INT, "rating": _FLOAT,
-                                     "timestamp": _INT}, quoting=False)
-    mp = d / "u.item"
-    if not mp.is_file():
-        raise MovieLensError(mp, "movie catalogue not found (the ml-100k format needs u.item "
-                                 "beside u.data)")
+    r = _read_classic(rp, "\t", _RATING_COLUMNS)
+    mp = _catalogue(d, "ml-100k", "u.item", rp.name)
     flags = [f"genre_{i}" for i in range(len(ML100K_GENRES))]
-    m = read_delimited(mp, delimiter="|",
-                       column_names=["movieId", "title", "release_date", "video_release_date",
-                                     "imdb_url", *flags],
-                       column_types={"movieId": _INT, "title": _STR, "release_date": _STR,
-                                     **{f: _INT for f in flags}},
-                       encoding="latin-1", quoting=False)
+    m = _read_classic(mp, "|", {"movieId": _INT, "title": _STR, "release_date": _STR,
+                                "video_release_date": None, "imdb_url": None,
+                                **{f: _INT for f in flags}}, encoding="latin-1")
     flag_matrix = np.stack([_np(m, f) for f in flags], axis=1)
     rows, cols = np.nonzero(flag_matrix)
     genres = _list_of_strings(m.num_rows, rows, pa.array(np.array(ML100K_GENRES, object)[cols],
@@ -272,11 +264,8 @@ def _read_ml100k(d: Path) -> _Raw:
                release_year, mp, 0)
     up = d / "u.user"
     if up.is_file():
-        u = read_delimited(up, delimiter="|",
-                           column_names=["userId", "age", "gender", "occupation", "zip"],
-                           column_types={"userId": _INT, "age": _INT, "gender": _STR,
-                                         "occupation": _STR, "zip": _STR},
-                           encoding="latin-1", quoting=False)
+        u = _read_classic(up, "|", {"userId": _INT, "age": _INT, "gender": _STR,
+                                    "occupation": _STR, "zip": _STR}, encoding="latin-1")
         raw.users = _user_attributes(u, bucket_age=True)
     return raw
 

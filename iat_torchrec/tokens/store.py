@@ -51,7 +51,7 @@ import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import numpy as np
 import torch
 
-from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.data.atomic import CommitOnExit, atomic_output
 from iat_torchrec.tokens.npyfile import (ColumnFileError, ColumnWriter, check_entry, open_column,
                                          write_column)
 from iat_torchrec.tokens.time_index import UserTimeIndex, stable_argsort
@@ -492,7 +492,7 @@ def _finish(index_parent: Path, manifest: Dict[str, Any], keys: Dict[str, np.nda
     return manifest
 
 
-class TokenStoreWriter:
+class TokenStoreWriter(CommitOnExit):
     """Streams rows into a new store (from :meth:`TokenStore.create`) or a new segment of an
     existing one (from :meth:`TokenStore.appender`). Use as a context manager, or call
     :meth:`close` (commit) / :meth:`abort`."""
@@ -692,12 +692,3 @@ class TokenStoreWriter:
         if self._lock is not None:
             self._lock.unlink(missing_ok=True)
             self._lock = None
-
-    def __enter__(self) -> "TokenStoreWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
