@@ -5,38 +5,29 @@
     torchrun --nproc_per_node 4 apps/assemble.py ...    # partitioned by user over 4 processes
     torchx run -s local_cwd torchx_components/components.py:assemble -j 1x4 ...
 
-Every flag is a field of :class:`iat_torchrec.tokens.assembly.AssembleConfig` (``--help``).
+Every flag is a field of :class:`iat_torchrec.stages.assemble.AssembleConfig` (``--help``).
 Under torchrun (``WORLD_SIZE`` > 1) the processes form a gloo group, each assembles the samples
 of its users, and rank 0 publishes the shards once all parts are complete.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import List, Optional
 
-import torch.distributed as dist
-
 from iat_torchrec.config import parse_config
-from iat_torchrec.tokens.assembly import AssembleConfig, HistoryShards, assemble_history
+from iat_torchrec.distributed.collectives import process_group
+from iat_torchrec.stages.assemble import AssembleConfig, assemble_history
+from iat_torchrec.tokens.shards import HistoryShards
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     config = parse_config(AssembleConfig, argv)
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    started_group = False
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-        started_group = True
-    start = time.perf_counter()
-    try:
-        out = assemble_history(config, rank=rank, world_size=world_size)
-    finally:
-        if started_group:
-            dist.destroy_process_group()
-    if rank == 0:
+    with process_group("cpu") as env:
+        start = time.perf_counter()
+        out = assemble_history(config, env)
+    if env.is_main:
         m = HistoryShards.open(out, verify=False).manifest
         n, seconds = m["num_samples"], time.perf_counter() - start
         print(f"history shards  {out}\n"

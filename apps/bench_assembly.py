@@ -37,8 +37,9 @@ import torch
 
 from iat_torchrec.benchmark import pin_one_core
 from iat_torchrec.config import parse_config
-from iat_torchrec.tokens.assembly import (AssembleConfig, HistoryLayout, HistoryMaterializer,
-                                          HistoryShards, assemble_history)
+from iat_torchrec.history import HistoryLayout, HistoryMaterializer
+from iat_torchrec.stages.assemble import AssembleConfig, assemble_history
+from iat_torchrec.tokens.shards import HistoryShards
 from iat_torchrec.tokens.store import TokenStore
 
 

@@ -4,7 +4,6 @@ over two processes, the app and its TorchX component, bad input."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import sys
@@ -25,9 +24,10 @@ from conftest import REPO_ROOT, tiny_columns, tiny_spec
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.log import InstanceLogError, write_log
 from iat_torchrec.data.spec import SpecError
-from iat_torchrec.tokens.assembly import (LABEL_PAD, LABEL_UNKNOWN, AssembleConfig, HistoryLayout,
-                                          HistoryMaterializer, HistoryShards, HistoryShardsError,
-                                          assemble_history, query_history, user_partition)
+from iat_torchrec.distributed.collectives import DistEnv
+from iat_torchrec.history import LABEL_PAD, LABEL_UNKNOWN, HistoryLayout, HistoryMaterializer
+from iat_torchrec.stages.assemble import AssembleConfig, assemble_history, user_partition
+from iat_torchrec.tokens.shards import HistoryShards, HistoryShardsError, query_history
 from iat_torchrec.tokens.store import TokenStore
 from iat_torchrec.tokens.time_index import UnknownUserError
 from torchx_components import components
@@ -213,11 +213,12 @@ def test_label_delay_comes_from_the_spec_unless_given(tmp_path, log_and_store):
 def _assemble_worker(rank: int, world: int, tmp: str, config: AssembleConfig) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank,
                             world_size=world)
+    env = DistEnv(rank, world, rank, torch.device("cpu"))
     try:
-        assemble_history(config, rank=rank, world_size=world)
+        assemble_history(config, env)
         bad = dataclasses.replace(config, output=f"{tmp}/bad", store=f"{tmp}/partial")
         with pytest.raises((InstanceLogError, HistoryShardsError), match="user_id 3|rank"):
-            assemble_history(bad, rank=rank, world_size=world)
+            assemble_history(bad, env)
     finally:
         dist.destroy_process_group()
 
@@ -244,7 +245,8 @@ def test_partitioned_by_user_over_two_processes_equals_one(tmp_path, log_and_sto
 
 
 # --------------------------------------------------------------------------- app and component
-def test_app_runs_and_component_arguments_are_the_config_fields(tmp_path, log_and_store, capsys):
+def test_app_runs_and_its_component_launches_it(tmp_path, log_and_store, capsys):
+    """The app and its component (the component's arguments: tests/test_config.py)."""
     from apps import assemble as app
 
     log, store, _ = log_and_store
@@ -256,18 +258,8 @@ def test_app_runs_and_component_arguments_are_the_config_fields(tmp_path, log_an
     assert shards.layout == HistoryLayout(8, tiny_spec().label_delay_s, (60, 3600))
     assert parse_config(AssembleConfig, ["--target_log", "a", "--store", "b", "--output", "c"]) \
         == AssembleConfig("a", "b", "c")
-
-    params = inspect.signature(components.assemble).parameters
-    fields = {f.name: f for f in dataclasses.fields(AssembleConfig)}
-    assert set(params) - {"image", "j", "cpu", "memMB"} == set(fields)
-    for name, f in fields.items():
-        if f.default is not dataclasses.MISSING:
-            assert params[name].default == f.default, name
-        elif f.default_factory is not dataclasses.MISSING:
-            assert params[name].default is None, name  # None: the config's default
-        else:
-            assert params[name].default is inspect.Parameter.empty, name
-    app_def = components.assemble(str(log), str(store.path), str(tmp_path / "x"), j="1x2")
+    app_def = components.assemble(target_log=str(log), store=str(store.path),
+                                  output=str(tmp_path / "x"), j="1x2")
     cmd = " ".join(app_def.roles[0].args)
     assert "--nproc_per_node 2" in cmd and "apps/assemble.py" in cmd
     assert f"--gap_boundaries_s {' '.join(map(str, AssembleConfig('', '', '').gap_boundaries_s))}" \
@@ -290,7 +282,8 @@ def test_component_runs_partitioned_with_torchx_local_cwd(tmp_path, log_and_stor
     monkeypatch.chdir(REPO_ROOT)
     # local_cwd runs torchrun / python from PATH: make them this environment's.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    app = components.assemble(str(log), str(store.path), str(tmp_path / "h"), max_len=16, j="1x2")
+    app = components.assemble(target_log=str(log), store=str(store.path),
+                              output=str(tmp_path / "h"), max_len=16, j="1x2")
     with get_runner() as runner:
         handle = runner.run(app, scheduler="local_cwd", cfg={"log_dir": str(tmp_path / "logs")})
         status = runner.wait(handle, wait_interval=0.5)

@@ -17,28 +17,22 @@ import pytest
 import torch
 
 from conftest import tiny_columns, tiny_spec
-from iat_torchrec.data.downstream import DownstreamDataError, DownstreamReader
 from iat_torchrec.data.log import InstanceLogError, write_log
 from iat_torchrec.data.reader import ReaderConfig, ReadOrder
-from iat_torchrec.models.dlrm_sif import (DLRM_SIF, DLRM_SIFTrain, DLRMSIFConfig,
-                                          DownstreamBatch, HistorySource, SampleCodeLookup,
-                                          history_item_features)
+from iat_torchrec.history import DownstreamBatch, HistoryLayout, history_item_features
+from iat_torchrec.models.dlrm_sif import DLRM_SIF, DLRM_SIFTrain, DLRMSIFConfig
 from iat_torchrec.models.hgaq import subtoken_layout
 from iat_torchrec.models.history import BSTConfig, DINConfig
 from iat_torchrec.models.mixer import SIFMixerConfig
-from iat_torchrec.tokens.assembly import (AssembleConfig, HistoryLayout, HistoryShards,
-                                          HistoryShardsError, assemble_history, query_history)
+from iat_torchrec.models.variants import HistorySource
+from iat_torchrec.stages.assemble import AssembleConfig, assemble_history
+from iat_torchrec.tokens.downstream import DownstreamDataError, DownstreamReader
+from iat_torchrec.tokens.lookup import SampleCodeLookup
+from iat_torchrec.tokens.shards import HistoryShards, HistoryShardsError, query_history
 from iat_torchrec.tokens.store import TokenStore
 
 N, USERS, D, M, V, L, K = 400, 7, 8, 2, 8, 12, 5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def make_store(path: Path, cols, kind: str, rows=None, delay=60, shape=(D,), seed=0):
@@ -211,8 +205,7 @@ def small_config(source: str) -> DLRMSIFConfig:
     return DLRMSIFConfig(
         history_source=HistorySource(source), embedding_dim=8, dense_arch_layers=[16],
         over_arch_layers=[16], mixer=SIFMixerConfig(d0=8, num_blocks=1, num_heads=2),
-        din=DINConfig(), bst=BSTConfig(num_heads=2), item_feature="item", item_history_len=K,
-        gap_vocab_size=HistoryLayout().gap_vocab_size)
+        din=DINConfig(), bst=BSTConfig(num_heads=2), item_feature="item", item_history_len=K)
 
 
 @pytest.mark.parametrize("source", ["din", "sif_codes"])

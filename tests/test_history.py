@@ -1,27 +1,18 @@
 """History branches: DIN, BST and the IAT branch on their own: masks (padding invariance, any
-alignment), empty histories, frozen tokens, and the last-k-steps helper."""
+alignment), empty histories, frozen tokens."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from iat_torchrec.history import LABEL_PAD, LABEL_UNKNOWN
 from iat_torchrec.models.history import (BSTConfig, BSTEncoder, DINAttention, DINConfig,
-                                         IATBranch, IATBranchConfig, last_steps,
-                                         last_steps_index, steps_after)
-from iat_torchrec.tokens.assembly import LABEL_PAD, LABEL_UNKNOWN, HistoryBatch
+                                         IATBranch, IATBranchConfig)
 
 B, L, D, TOKEN_DIM, QUERY_DIM, GAPS = 5, 7, 16, 12, 24, 20
 LENGTHS = [0, 1, 3, 7, 5]  # an empty history, a full one
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine is shared: one intra-op thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def _inputs(seed: int = 0):
@@ -144,25 +135,6 @@ def test_iat_branch_takes_no_gradient_into_tokens_and_uses_the_query():
     assert x["tokens"].grad is None
     assert x["query"].grad is not None and x["query"].grad.abs().sum() > 0
     assert module.adapt.weight.grad.abs().sum() > 0  # the adaptation MLP learns
-
-
-def test_steps_after_and_last_steps():
-    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]],
-                        dtype=torch.bool)
-    assert steps_after(mask)[1].tolist() == [3, 2, 2, 1, 0]
-    index, valid = last_steps_index(mask, 2)
-    assert valid.tolist() == [[True, True], [True, True], [False, False], [True, True]]
-    assert torch.where(valid, index, -1).tolist() == [[1, 2], [3, 4], [-1, -1], [3, 4]]
-    index, valid = last_steps_index(mask, 7)
-    assert torch.where(valid, index, -1)[1].tolist() == [1, 3, 4, -1, -1, -1, -1]
-    rows = torch.where(mask, torch.arange(5) + 10 * torch.arange(4).unsqueeze(1), -1)
-    hist = HistoryBatch(row_ids=rows, mask=mask, label=torch.where(mask, 1, LABEL_PAD),
-                        gap_bucket=torch.where(mask, 4, 9), length=mask.sum(1))
-    short = last_steps(hist, 2, gap_pad=9)
-    assert short.row_ids.tolist() == [[1, 2], [13, 14], [-1, -1], [33, 34]]
-    assert short.label.tolist()[2] == [LABEL_PAD] * 2 and short.gap_bucket.tolist()[2] == [9, 9]
-    assert short.length.tolist() == [2, 2, 0, 2]
-    assert last_steps(hist, 5, gap_pad=9) is hist
 
 
 def test_configs_reject_bad_sizes():

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from iat_torchrec.tokens.lookup import (InstanceTokenLookup, LookupConfig,
+from iat_torchrec.tokens.lookup import (InstanceTokenLookup, LookupConfig, SampleCodeLookup,
                                         ShardedInstanceTokenLookup, TokenLookupError,
                                         make_token_lookup)
 from iat_torchrec.tokens.store import TokenStore
@@ -112,3 +112,23 @@ def test_sharded_over_two_processes_equals_unsharded(tmp_path):
     for dtype in ("fp32", "fp16", "int8"):
         build(tmp_path / dtype, dtype)
     mp.spawn(_sharded_worker, args=(2, str(tmp_path)), nprocs=2)
+
+
+def test_code_lookup_in_another_stores_row_order(tmp_path):
+    iat = build(tmp_path / "iat", "fp32")
+    ids, users, ts, labels = (iat.column(c) for c in ("instance_id", "user_id", "ts", "label"))
+    codes = np.random.default_rng(2).integers(0, 8, (N, 3, 2)).astype(np.uint8)
+    rev = np.arange(N)[::-1]
+    w = TokenStore.create(tmp_path / "sif", kind="sif", token_shape=(3, 2), dtype="uint8")
+    w.append(ids[rev], users[rev], ts[rev], labels[rev], codes[rev])
+    sif = w.close()
+    row_ids = random_ids(3)
+    got = SampleCodeLookup.from_store(sif, rows_like=iat)(row_ids)
+    assert got.shape == (*row_ids.shape, 3, 2) and got.dtype == torch.int64
+    want = torch.from_numpy(codes[row_ids.clamp(min=0).numpy()]).long()
+    assert torch.equal(got, torch.where((row_ids >= 0)[..., None, None], want, 0))
+    assert torch.equal(SampleCodeLookup.from_store(sif)(torch.tensor([0, -1])),
+                       torch.stack([torch.from_numpy(codes[N - 1]).long(),
+                                    torch.zeros(3, 2, dtype=torch.int64)]))
+    with pytest.raises(ValueError, match="needs a SIF store"):
+        SampleCodeLookup.from_store(iat)

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch import nn
 from torch.optim import Optimizer
 
-from iat_torchrec.distributed.sharding import DistEnv
+from iat_torchrec.distributed.collectives import DistEnv, barrier, broadcast_object
 
 LATEST = "latest"
 
@@ -37,28 +36,21 @@ def fingerprint(config: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _broadcast_str(value: str, env: DistEnv) -> str:
-    box = [value]
-    if env.world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: Optimizer,
                     position: Dict[str, int], config: Dict[str, Any],
                     rank_state: Dict[str, Any], env: DistEnv) -> Path:
     """Save to ``directory/step-<global_step>`` and point ``directory/latest`` at it."""
     directory = Path(directory)
     final = directory / f"step-{position['global_step']:09d}"
-    tmp = Path(_broadcast_str(str(directory / f".{final.name}.tmp-{os.getpid()}"), env))
+    tmp = Path(broadcast_object(str(directory / f".{final.name}.tmp-{os.getpid()}"), env))
     if env.is_main:
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier(env)
+    barrier(env)
     dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()},
              checkpoint_id=str(tmp))
     torch.save({**rank_state, "rng": torch.get_rng_state()}, tmp / f"rank{env.rank}.pt")
-    _barrier(env)
+    barrier(env)
     if env.is_main:
         meta = {"position": position, "fingerprint": fingerprint(config), "config": config,
                 "world_size": env.world_size}
@@ -69,7 +61,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: Optimizer,
         pointer = directory / f".{LATEST}.tmp"
         pointer.write_text(final.name + "\n")
         os.replace(pointer, directory / LATEST)
-    _barrier(env)
+    barrier(env)
     return final
 
 
@@ -105,9 +97,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Optimizer,
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
     saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     missing = [k for k in _flat_keys(state) if k not in saved]
-    if any(not k.startswith("optim.state.") for k in missing):
-        raise CheckpointMismatchError(f"{path}: checkpoint lacks "
-                                      f"{[k for k in missing if not k.startswith('optim.state.')][:5]}")
+    lacking = [k for k in missing if not k.startswith("optim.state.")]
+    if lacking:
+        raise CheckpointMismatchError(f"{path}: checkpoint lacks {lacking[:5]}")
     dcp.load(state, checkpoint_id=str(path),
              planner=DefaultLoadPlanner(allow_partial_load=bool(missing)))
     model.load_state_dict(state["model"])
@@ -127,8 +119,3 @@ def _flat_keys(state: Dict[str, Any], prefix: str = "") -> List[str]:
         else:
             keys.append(name)
     return keys
-
-
-def _barrier(env: DistEnv) -> None:
-    if env.world_size > 1:
-        dist.barrier()

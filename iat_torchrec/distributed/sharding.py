@@ -1,4 +1,4 @@
-"""Process group, sharding plan, DistributedModelParallel and optimizers, the TorchRec way.
+"""Sharding plan, DistributedModelParallel and optimizers, the TorchRec way.
 
 Tables are built on the meta device; ``EmbeddingShardingPlanner`` plans them under the
 configured constraints; ``DistributedModelParallel`` shards them; the sparse optimizer
@@ -10,9 +10,7 @@ with nccl: the device is a parameter.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,6 +25,8 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from iat_torchrec.distributed.collectives import DistEnv
 
 CPU_SHARDING_TYPES = ("table_wise", "column_wise", "data_parallel")
 CUDA_SHARDING_TYPES = ("table_wise", "column_wise", "row_wise", "table_row_wise",
@@ -55,46 +55,6 @@ class ShardingConfig:
         "help": "learning rate of the fused row-wise Adagrad on the tables"})
     dense_lr: float = dataclasses.field(default=1e-3, metadata={
         "help": "learning rate of Adam on the dense parameters"})
-
-
-@dataclasses.dataclass
-class DistEnv:
-    """This process's place in the job."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_process_group(device: str = "cpu") -> DistEnv:
-    """Join the job's process group (torchrun's environment), or make a one-process group.
-
-    gloo on CPU, nccl on CUDA. A run without torchrun gets a single-process group over a file
-    rendezvous, so the same sharded code path runs everywhere.
-    """
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda asked for, but torch sees no CUDA device")
-    backend = "nccl" if device == "cuda" else "gloo"
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)
-        else:
-            rdzv = tempfile.NamedTemporaryFile(prefix="iat-rdzv-", delete=False).name
-            os.unlink(rdzv)
-            dist.init_process_group(backend, init_method=f"file://{rdzv}", rank=0,
-                                    world_size=1)
-    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
 def planner_constraints(tables: List[str], config: ShardingConfig,
@@ -172,34 +132,3 @@ def _dtensor_offsets(t: DTensor) -> Tuple[int, ...]:
 
     _, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return tuple(offsets)
-
-
-def _reduce(value: int, env: DistEnv, op: dist.ReduceOp) -> int:
-    if env.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=_collective_device(env))
-    dist.all_reduce(t, op=op)
-    return int(t.item())
-
-
-def all_equal_batches(count: int, env: DistEnv) -> int:
-    """The largest per-rank batch count: ranks with fewer pad with weight-0 batches."""
-    return _reduce(count, env, dist.ReduceOp.MAX)
-
-
-def sum_over_ranks(value: int, env: DistEnv) -> int:
-    """The sum of an integer over all ranks."""
-    return _reduce(value, env, dist.ReduceOp.SUM)
-
-
-def _collective_device(env: DistEnv) -> torch.device:
-    return env.device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def gather_arrays(arrays: Dict[str, "object"], env: DistEnv) -> Optional[List[Dict]]:
-    """All ranks' small result dicts, on rank 0 (None elsewhere)."""
-    if env.world_size == 1:
-        return [arrays]
-    out: Optional[List[Dict]] = [None] * env.world_size if env.is_main else None
-    dist.gather_object(arrays, out, dst=0)
-    return out

@@ -1,4 +1,5 @@
-"""Frozen instance-token lookup: row ids [B, L] -> tokens [B, L, d], through FBGEMM or TorchRec.
+"""Frozen lookups by store row: row ids [B, L] -> instance tokens [B, L, d] (FBGEMM or
+TorchRec) or HGAQ codes.
 
 - :class:`InstanceTokenLookup`: the whole store in one process, in FBGEMM's inference table
   (``IntNBitTableBatchedEmbeddingBagsCodegen``, ``PoolingMode.NONE``) with the store's rows copied
@@ -13,6 +14,9 @@
 Row id -1 is padding and yields a zero token in both. Both are frozen: no parameters take
 gradients, and no optimizer should be given them. :func:`make_token_lookup` picks one from a
 :class:`LookupConfig`.
+
+:class:`SampleCodeLookup` does the same for a SIF store's HGAQ codes: row ids [..., L] -> codes
+[..., L, T, M] (-1 -> codes 0), a plain buffer on one device.
 """
 
 from __future__ import annotations
@@ -211,6 +215,47 @@ class ShardedInstanceTokenLookup(nn.Module):
         result = torch.zeros(*ids2d.shape, self.dim, dtype=self.output_dtype, device=self.device)
         result[mask] = values.to(self.output_dtype)
         return result.view(*row_ids.shape, self.dim)
+
+
+class SampleCodeLookup(nn.Module):
+    """Frozen HGAQ codes of a SIF store on a device: ``forward(row_ids [..., L]) -> codes
+    [..., L, T, M]`` int64 (-1 = padding -> codes 0, which the mixer masks).
+
+    Args:
+        codes: uint8 [N, T, M], row r the codes of store row r.
+        device: where they live.
+    """
+
+    def __init__(self, codes: Union[np.ndarray, torch.Tensor],
+                 device: Union[str, torch.device] = "cpu") -> None:
+        super().__init__()
+        codes = torch.as_tensor(codes)
+        if codes.dim() != 3:
+            raise ValueError(f"codes must be [N, T, M], got {tuple(codes.shape)}")
+        self.device = torch.device(device)
+        self.num_rows = int(codes.shape[0])
+        self.register_buffer("codes", codes.to(self.device), persistent=False)
+
+    @classmethod
+    def from_store(cls, store: TokenStore, device: Union[str, torch.device] = "cpu",
+                   rows_like: Optional[TokenStore] = None) -> "SampleCodeLookup":
+        """The codes of a SIF ``store``; with ``rows_like`` (e.g. the IAT store whose row ids the
+        histories hold), row r holds the codes of ``rows_like``'s row r (matched by instance id;
+        every instance of ``rows_like`` must be in ``store``)."""
+        if store.kind != "sif":
+            raise ValueError(f"{store.path}: a code lookup needs a SIF store, got {store.kind!r}")
+        if rows_like is None:
+            rows = np.arange(store.num_rows, dtype=np.int64)
+        else:
+            rows = store.rows_of(rows_like.column("instance_id"))
+        return cls(store.tokens(rows), device)
+
+    @torch.no_grad()
+    def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
+        ids = row_ids.to(self.device)
+        out = self.codes.index_select(0, ids.clamp(min=0).reshape(-1)).long()
+        out = out.view(*ids.shape, *self.codes.shape[1:])
+        return torch.where((ids >= 0).view(*ids.shape, 1, 1), out, 0)
 
 
 @dataclasses.dataclass

@@ -1,12 +1,12 @@
 """The downstream batch provider: a target log (train / valid / test split) read as
-:class:`~iat_torchrec.models.dlrm_sif.DownstreamBatch` objects, one partition per rank.
+:class:`~iat_torchrec.history.DownstreamBatch` objects, one partition per rank.
 
 Each batch is the :class:`~iat_torchrec.data.reader.InstanceLogReader` batch of this rank (same
 orders, same dealing of rows to ranks), plus, depending on what it is given:
 
 - **history** (``history`` shards + the ``store`` they index): the targets' histories by
   timestamp (METHOD.md, "Stage 2"), materialised per batch on ``device`` by the shards'
-  :class:`~iat_torchrec.tokens.assembly.HistoryMaterializer`. The shards must have been
+  :class:`~iat_torchrec.history.HistoryMaterializer`. The shards must have been
   assembled against exactly this store version (:meth:`HistoryShards.check_store`) and for this
   target log (the shards' ``t`` of every target must equal its ``ts``).
 - **item-id history** (``item_feature`` and ``item_history_len`` k, with ``item_logs``): the
@@ -23,12 +23,11 @@ Decisions:
   plain reader's: TorchRec's pipelines copy a batch to the device themselves); only the history
   is materialised on ``device``, where its time-index buffers live.
 - The item history is computed on the CPU straight from the shards' ``(begin, length)``: a
-  history is one contiguous range of time-index positions, so its last k real steps are the
-  last ``min(k, length, L)`` positions of that range. This equals what
-  :meth:`DownstreamBatch.build` computes from the materialised history with
-  :func:`~iat_torchrec.models.history.last_steps_index`, and the model's
-  :func:`~iat_torchrec.models.history.last_steps` (label, gap, mask of the same k steps), without
-  a device round trip.
+  history is one contiguous range of time-index positions, so its last k real steps are the real
+  ones among the range's last k positions, and :func:`~iat_torchrec.history.last_step_items`
+  takes them from there. This is the op :meth:`DownstreamBatch.build` applies to the
+  materialised history, and the same steps as the model's
+  :func:`~iat_torchrec.history.last_steps` (label, gap, mask), without a device round trip.
 - A null item (a single-valued field may hold nulls: an empty bag) gives id -1: an empty
   bag at that step, like padding; the step's label and gap still count.
 - Labels: the spec always lists them (:class:`FeatureSpec` requires it); every label column of
@@ -52,8 +51,8 @@ from iat_torchrec.data.batch import InstanceBatch
 from iat_torchrec.data.log import InstanceLogError, log_files, open_parquet
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, hash_ids
 from iat_torchrec.data.spec import INSTANCE_ID, FeatureSpec, SparseField
-from iat_torchrec.models.dlrm_sif import DownstreamBatch, add_history_items
-from iat_torchrec.tokens.assembly import HistoryShards, HistoryShardsError
+from iat_torchrec.history import DownstreamBatch, add_history_items, last_step_items
+from iat_torchrec.tokens.shards import HistoryShards, HistoryShardsError
 from iat_torchrec.tokens.store import TokenStore, TokenStoreError
 
 PathLike = Union[str, os.PathLike]
@@ -293,13 +292,12 @@ class DownstreamReader:
         k = self.item_history_len
         if self._index_rows.size == 0:  # an empty store: every history is empty
             return torch.full((begin.size, k), -1, dtype=torch.int64)
-        n = np.minimum(np.minimum(length, self.history.layout.max_len), k)
-        end = begin + length
-        j = np.arange(k)
-        valid = j[None, :] < n[:, None]
-        pos = np.where(valid, (end - n)[:, None] + j[None, :], 0)
-        items = np.where(valid, self.row_items[self._index_rows[pos]], -1)
-        return torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
+        # The range's last k positions; the real steps among them are its last min(length, L).
+        n = np.minimum(length, self.history.layout.max_len)
+        pos = (begin + length)[:, None] - k + np.arange(k)
+        real = pos >= (begin + length - n)[:, None]
+        step_items = self.row_items[self._index_rows[np.maximum(pos, 0)]]
+        return last_step_items(torch.from_numpy(step_items), torch.from_numpy(real), k)
 
 
 __all__: List[str] = ["DownstreamReader", "DownstreamDataError", "check_labels",
