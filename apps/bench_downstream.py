@@ -14,8 +14,8 @@ Times, in the same run and on the same device, training steps (forward, backward
   (HGAQ codes through the SIF-Mixer, ``sif_codes``) and **SIF over IAT tokens** (``sif_iat``),
   both with L_align.
 
-The model is built and trained the way ``apps/train.py`` does (``run_train``): the flat
-``TrainDownstreamConfig`` defaults mapped by ``model_config``, sharded by ``build_sharded``
+The model is built and trained the way ``apps/train.py`` does (``run_train``): the
+``TrainDownstreamConfig`` defaults (its nested model config), sharded by ``build_sharded``
 (tables on the meta device, DistributedModelParallel in a one-process gloo / nccl group, fused
 row-wise Adagrad on the tables, Adam on the rest) and stepped by ``TrainPipelineSparseDist``.
 
@@ -56,15 +56,16 @@ from iat_torchrec.data.batch import InstanceBatch
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig
 from iat_torchrec.data.spec import FeatureSpec
 from iat_torchrec.data.synthetic import SyntheticConfig, generate
-from iat_torchrec.distributed.sharding import DistEnv, init_process_group
-from iat_torchrec.models.dlrm_sif import (DLRM_SIF, DLRM_SIFTrain, DLRMSIFConfig,
-                                          DownstreamBatch, HistorySource, SampleCodeLookup)
+from iat_torchrec.distributed.collectives import DistEnv, init_process_group
+from iat_torchrec.distributed.sharding import ShardingConfig
+from iat_torchrec.history import LABEL_PAD, DownstreamBatch, HistoryBatch, HistoryLayout
+from iat_torchrec.models.dlrm_sif import DLRM_SIF, DLRM_SIFTrain, DLRMSIFConfig
 from iat_torchrec.models.hgaq import HGAQConfig, subtoken_layout
 from iat_torchrec.stages.common import build_sharded
-from iat_torchrec.stages.train import TrainDownstreamConfig, model_config
-from iat_torchrec.tokens.assembly import LABEL_PAD, HistoryBatch, HistoryLayout
-from iat_torchrec.tokens.lookup import InstanceTokenLookup
+from iat_torchrec.stages.train import TrainDownstreamConfig
+from iat_torchrec.tokens.lookup import InstanceTokenLookup, SampleCodeLookup
 from iat_torchrec.tokens.store import TokenStore
+from iat_torchrec.train.loop import TrainConfig
 
 ITEM_FEATURE = "item_id"  # the synthetic log's item field
 REFERENCE = ("DLRM, no history", "none", "dot")
@@ -159,9 +160,11 @@ def variant_config(cfg: BenchDownstreamConfig, source: str, interaction: str,
                    length: int) -> TrainDownstreamConfig:
     """``apps/train.py``'s configuration of one variant (its model and sharding defaults)."""
     return TrainDownstreamConfig(
-        history_source=source, interaction=interaction, item_feature=ITEM_FEATURE,
-        item_history_len=min(cfg.item_history_len or length, length), device=cfg.device,
-        batch_size=cfg.batch_size, seed=cfg.seed)
+        model=DLRMSIFConfig(history_source=source, interaction=interaction,
+                            item_feature=ITEM_FEATURE,
+                            item_history_len=min(cfg.item_history_len or length, length)),
+        train=TrainConfig(batch_size=cfg.batch_size, seed=cfg.seed),
+        sharding=ShardingConfig(device=cfg.device))
 
 
 def variant_batches(inputs: Inputs, mcfg: DLRMSIFConfig, length: int, seed: int,
@@ -169,7 +172,7 @@ def variant_batches(inputs: Inputs, mcfg: DLRMSIFConfig, length: int, seed: int,
     """The batches a variant reads, on ``device``: history, item features and target codes as
     its history source needs (the same random draws for every variant of one L)."""
     rng = np.random.default_rng((seed, length))
-    src = mcfg.history_source
+    v = mcfg.variant
     k = mcfg.item_history_len if mcfg.item_branch != "none" else 0
     t, levels, codebook_size = inputs.codebooks.shape[:3]
     item_vocab = inputs.spec.field(ITEM_FEATURE).num_embeddings
@@ -180,22 +183,26 @@ def variant_batches(inputs: Inputs, mcfg: DLRMSIFConfig, length: int, seed: int,
         items = torch.from_numpy(rng.integers(0, item_vocab, (n, length)))
         codes = torch.from_numpy(rng.integers(0, codebook_size, (n, t, levels)))
         out.append(DownstreamBatch.build(
-            b, history if src != HistorySource.NONE else None, items if k else None, k,
-            codes if src.is_sif else None).to(device))
+            b, history if v.reads_history else None, items if k else None, k,
+            codes if v.is_sif else None).to(device))
     return out
 
 
-def build_pipeline(inputs: Inputs, mcfg: DLRMSIFConfig, train_cfg: TrainDownstreamConfig,
+def build_pipeline(inputs: Inputs, train_cfg: TrainDownstreamConfig,
                    env: DistEnv) -> TrainPipelineSparseDist:
-    """One variant sharded and wrapped as ``run_train`` does it."""
-    src = mcfg.history_source
+    """One variant sharded and wrapped as ``run_train`` does it (default history layout and
+    tokenizer B)."""
+    mcfg = train_cfg.model
+    v = mcfg.variant
     model, optimizer = build_sharded(
         lambda tables: DLRM_SIFTrain(DLRM_SIF(
-            inputs.spec, mcfg, token_lookup=inputs.token_lookup if src.uses_tokens else None,
-            code_lookup=inputs.code_lookup if src.uses_codes else None,
-            codebooks=inputs.codebooks if src.is_sif else None,
+            inputs.spec, mcfg, token_lookup=inputs.token_lookup if v.uses_tokens else None,
+            code_lookup=inputs.code_lookup if v.uses_codes else None,
+            codebooks=inputs.codebooks if v.is_sif else None,
+            gap_vocab_size=HistoryLayout().gap_vocab_size,
+            fields_per_subtoken=HGAQConfig().fields_per_subtoken,
             device=env.device if tables is not None else None, table_device=tables)),
-        train_cfg.seed, env, train_cfg, train_cfg.batch_size)
+        train_cfg.train.seed, env, train_cfg.sharding, train_cfg.train.batch_size)
     return TrainPipelineSparseDist(model, optimizer, env.device)
 
 
@@ -245,9 +252,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             runs = []
             for length, _, source, interaction in rows:
                 train_cfg = variant_config(cfg, source, interaction, length)
-                mcfg = model_config(train_cfg, HistoryLayout().gap_vocab_size,
-                                    HGAQConfig().fields_per_subtoken)
-                pipeline = build_pipeline(inputs, mcfg, train_cfg, env)
+                mcfg = train_cfg.model
+                pipeline = build_pipeline(inputs, train_cfg, env)
                 batches = itertools.cycle(variant_batches(inputs, mcfg, length, cfg.seed,
                                                  cfg.store_rows, env.device))
                 _steps(pipeline, batches, cfg.warmup)()

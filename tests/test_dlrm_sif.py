@@ -20,16 +20,17 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from conftest import tiny_columns, tiny_spec
 from iat_torchrec.data.log import write_log
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig
-from iat_torchrec.distributed.sharding import (ShardingConfig, copy_full_state,
-                                               init_process_group, shard_model)
-from iat_torchrec.models.dlrm_sif import (DLRM_SIF, DLRM_SIFTrain, DLRMSIFConfig,
-                                          DownstreamBatch, HistorySource, SampleCodeLookup,
+from iat_torchrec.distributed.collectives import init_process_group
+from iat_torchrec.distributed.sharding import ShardingConfig, copy_full_state, shard_model
+from iat_torchrec.history import DownstreamBatch, HistoryBatch, HistoryLayout
+from iat_torchrec.models.dlrm_sif import (DLRM_SIF, DLRM_SIFTrain, DLRMSIFConfig, FrozenLookup,
                                           codebook_sum, embedding_tables)
 from iat_torchrec.models.history import BSTConfig, IATBranchConfig
 from iat_torchrec.models.hgaq import keyed_columns, subtoken_layout
 from iat_torchrec.models.mixer import SIFMixerConfig
-from iat_torchrec.tokens.assembly import HistoryBatch, HistoryLayout, query_history
-from iat_torchrec.tokens.lookup import InstanceTokenLookup
+from iat_torchrec.models.variants import VARIANTS, HistorySource, Variant, variant
+from iat_torchrec.tokens.lookup import InstanceTokenLookup, SampleCodeLookup
+from iat_torchrec.tokens.shards import query_history
 from iat_torchrec.tokens.store import TokenStore
 
 TOKEN_DIM, M, V, K = 8, 2, 8, 5
@@ -52,7 +53,7 @@ def small_config(source: str, interaction: str = "mixer", **kw) -> DLRMSIFConfig
         mixer=SIFMixerConfig(d0=8, num_blocks=2, num_heads=2),
         bst=BSTConfig(num_heads=2), iat=IATBranchConfig(adapt_dim=16, side_dim=16, num_heads=2,
                                                         num_layers=1),
-        item_feature="item", item_history_len=K, gap_vocab_size=LAYOUT.gap_vocab_size, **kw)
+        item_feature="item", item_history_len=K, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,8 @@ def build(world, config: DLRMSIFConfig, seed: int = 0, token_lookup=None, **kw) 
                     token_lookup=(token_lookup or world.token_lookup) if src.uses_tokens
                     else None,
                     code_lookup=world.code_lookup if src.uses_codes else None,
-                    codebooks=world.codebooks if src.is_sif else None, **kw)
+                    codebooks=world.codebooks if src.is_sif else None,
+                    gap_vocab_size=LAYOUT.gap_vocab_size, **kw)
 
 
 SOURCES = [("none", "mixer"), ("none", "dot"), ("din", "mixer"), ("din", "dot"),
@@ -118,6 +120,30 @@ def test_every_source_learns_on_a_real_batch(world, source, interaction):
         opt.step()
         losses.append(float(detached))
     assert losses[-1] < 0.95 * losses[0], losses
+
+
+def test_the_variant_table_decides_what_each_source_reads_and_builds(world):
+    assert set(VARIANTS) == set(HistorySource)
+    needs = {s.value: (v.reads_history, v.uses_tokens, v.uses_codes, v.is_sif)
+             for s, v in VARIANTS.items()}
+    assert needs == {"none": (False, False, False, False), "din": (True, False, False, False),
+                     "bst": (True, False, False, False), "iat": (True, True, False, False),
+                     "sif_codes": (True, False, True, True), "sif_iat": (True, True, False, True),
+                     "sif_both": (True, True, True, True)}
+    assert all(s.uses_tokens == v.uses_tokens and s.is_sif == v.is_sif
+               for s, v in VARIANTS.items())
+    assert [variant(s).item_branch_for("din") for s in ("din", "bst", "iat", "sif_iat")] == \
+        ["din", "bst", "din", "none"]
+    with pytest.raises(ValueError, match="feature tokens"):
+        Variant(item_branch="din", sif_rows=("codes",))
+    # The parts follow the table; the lookups stay outside the module tree.
+    for source in ("iat", "sif_both"):
+        tower = build(world, small_config(source)).tower
+        holders = [m for m in tower.modules() if isinstance(getattr(m, "lookup", None),
+                                                            FrozenLookup)]
+        assert len(holders) == (1 if source == "iat" else 2)
+        assert not any(isinstance(m, FrozenLookup) for m in tower.modules())
+        assert all(m is not world.token_lookup for m in tower.modules())
 
 
 def test_item_history_rides_in_the_item_table(world):
@@ -183,7 +209,8 @@ def test_no_gradient_reaches_frozen_lookup_or_codebooks(world, source):
         assert all(p is not codebooks for p in train.parameters())
     assert all(p is not spy.scale for p in train.parameters())
     assert not any("lookup" in k for k in train.state_dict())
-    branch = model.tower.iat_branch or model.tower.iat_rows
+    tower = model.tower
+    branch = tower.history_archs[-1] if source == "iat" else tower.inter_arch.rows[0]
     assert all(p.grad is not None for p in branch.parameters())  # the adapters do learn
 
 
@@ -194,10 +221,10 @@ def test_alignment_loss_and_row_weights(world):
                                                  b.history, b.target_codes)
     tower = model.tower
     pooled = model.sparse_arch.embedding_bag_collection(b.sparse_features)
-    target = tower.target_slots(tower.dense_arch(b.dense_features),
-                                keyed_columns(pooled, tower.sparse_names, 8))
+    target = tower.inter_arch.target_slots(tower.dense_arch(b.dense_features),
+                                           keyed_columns(pooled, tower.sparse_names, 8))
     e = codebook_sum(b.target_codes, world.codebooks)
-    assert torch.allclose(align, (tower.sif_mixer.align(target) - e).pow(2).mean((1, 2)),
+    assert torch.allclose(align, (tower.inter_arch.mixer.align(target) - e).pow(2).mean((1, 2)),
                           atol=1e-6)
     train = DLRM_SIFTrain(model)
     loss, _ = train(b)

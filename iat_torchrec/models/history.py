@@ -2,7 +2,7 @@
 branch over instance tokens (METHOD.md, "Stage 3").
 
 Each branch reads one target sample's history ``[B, L, ...]`` with the per-step side information
-of :class:`~iat_torchrec.tokens.assembly.HistoryBatch` (``label`` with the LABEL_* values,
+of :class:`~iat_torchrec.history.HistoryBatch` (``label`` with the LABEL_* values,
 ``gap_bucket``, ``mask`` True = real step) and returns one token ``[B, out]`` that enters DLRM's
 feature interaction as one more feature:
 
@@ -38,13 +38,13 @@ Decisions where METHOD.md is silent:
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from iat_torchrec.models.mixer import MultiHeadAttention
-from iat_torchrec.tokens.assembly import LABEL_PAD, LABEL_VOCAB_SIZE, HistoryBatch, HistoryLayout
+from iat_torchrec.history import LABEL_VOCAB_SIZE, HistoryLayout, steps_after
 
 DEFAULT_GAP_VOCAB = HistoryLayout().gap_vocab_size
 BST_OUTPUTS = ("target", "mean")
@@ -138,42 +138,6 @@ def masked_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``x`` [B, L, d] with padded steps set to 0 (whatever they held, NaN included)."""
     return torch.where(mask.unsqueeze(-1), x, x.new_zeros(()))
-
-
-def steps_after(mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] int64: how many real steps follow each step (0 for the newest real step)."""
-    m = mask.long()
-    return m.flip(1).cumsum(1).flip(1) - m
-
-
-def last_steps_index(mask: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Where the last ``k`` real steps of each row sit: ``(index [B, k], valid [B, k])``, oldest
-    first, left-aligned (``valid`` False and index 0 past the row's real steps); any mask."""
-    b, length = mask.shape
-    after = steps_after(mask)
-    keep = mask & (after < k)
-    count = mask.sum(1).clamp(max=k)
-    slot = torch.where(keep, count.unsqueeze(1) - 1 - after, k)  # k: a dropped extra column
-    index = torch.zeros(b, k + 1, dtype=torch.long, device=mask.device)
-    index.scatter_(1, slot, torch.arange(length, device=mask.device).expand(b, length))
-    valid = torch.arange(k, device=mask.device) < count.unsqueeze(1)
-    return torch.where(valid, index[:, :k], 0), valid
-
-
-def last_steps(history: HistoryBatch, k: int, gap_pad: int) -> HistoryBatch:
-    """The last ``k`` real steps of each history, oldest first, padded at the end (row id -1,
-    :data:`LABEL_PAD`, gap bucket ``gap_pad``): the item-id history of a longer token history."""
-    if k == history.mask.shape[1]:
-        return history
-    index, valid = last_steps_index(history.mask, k)
-
-    def take(x: torch.Tensor, pad: int) -> torch.Tensor:
-        return torch.where(valid, torch.gather(x, 1, index), pad)
-
-    return HistoryBatch(row_ids=take(history.row_ids, -1), mask=valid,
-                        label=take(history.label, LABEL_PAD),
-                        gap_bucket=take(history.gap_bucket, gap_pad),
-                        length=valid.sum(1))
 
 
 class TransformerBlock(nn.Module):
@@ -416,6 +380,6 @@ class IATBranch(nn.Module):
 
 __all__: Sequence[str] = (
     "DEFAULT_GAP_VOCAB", "DINConfig", "BSTConfig", "IATBranchConfig", "masked_ids",
-    "zero_padding", "steps_after", "last_steps_index", "last_steps", "TransformerBlock",
+    "zero_padding", "TransformerBlock",
     "DINAttention", "BSTEncoder", "IATBranch",
 )
