@@ -30,10 +30,13 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec
-from iat_torchrec.data.synthetic import SyntheticConfig, generate
-from iat_torchrec.distributed.sharding import ShardingConfig, init_process_group, shard_model
+from iat_torchrec.distributed.collectives import init_process_group
+from iat_torchrec.distributed.sharding import ShardingConfig, shard_model
 from iat_torchrec.models.source import Scheme, embedding_tables
 from iat_torchrec.stages.compress import CompressConfig, build_source_model, compress_log
+from iat_torchrec.train.loop import TrainConfig
+
+from bench_common import criteo_shaped_log, rate_table
 
 
 @dataclasses.dataclass
@@ -75,8 +78,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         dist.broadcast_object_list(box, src=0)
     log = Path(box[0]) / "log"
     if env.is_main:
-        generate(SyntheticConfig(num_instances=cfg.num_instances, num_sparse_fields=26,
-                                 num_dense_fields=13), log)
+        criteo_shaped_log(cfg.num_instances, log)
     if env.world_size > 1:
         dist.barrier()
     spec = FeatureSpec.load(log)
@@ -103,7 +105,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     for scheme, order in ((Scheme.TEMPORAL, ReadOrder.TEMPORAL), (Scheme.USER, ReadOrder.USER)):
         config = CompressConfig(train_log=str(log), store="unused", scheme=scheme,
-                                batch_size=cfg.batch_size, device=cfg.device)
+                                train=TrainConfig(batch_size=cfg.batch_size),
+                                sharding=ShardingConfig(device=cfg.device))
         model, opt = build_source_model(spec, config, env)
         pipe = TrainPipelineSparseDist(model, opt, env.device)
         it = iter(reader(order))
@@ -121,11 +124,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"\nsource-model benchmark: {cfg.num_instances:,} instances, 26 sparse (dim 16) + "
               f"13 dense, batch {cfg.batch_size} per process, {env.world_size} process(es), "
               f"{env.device.type}; instances/s over all processes")
-        print(f"| {'what':<58} | {'instances/s':>12} | {'x reference':>11} |")
-        print(f"|{'-' * 60}|{'-' * 14}|{'-' * 13}|")
-        for name, steps, secs in rates:
-            rate = steps * cfg.batch_size * env.world_size / secs
-            print(f"| {name:<58} | {rate:>12,.0f} | {rate / ref / env.world_size:>11.2f} |")
+        print(rate_table([(name, steps * cfg.batch_size * env.world_size / secs)
+                          for name, steps, secs in rates], ref * env.world_size, what_width=58))
 
 
 if __name__ == "__main__":

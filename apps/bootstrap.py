@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Install what is missing, then run the main job or the tests.
 
-    python3 apps/bootstrap.py main [pipeline flags]   # set up, run the pipeline on the default data
+    python3 apps/bootstrap.py main [pipeline flags]   # set up, run experiments/main.json
     python3 apps/bootstrap.py test [pytest flags]     # set up, run the test suite
     python3 apps/bootstrap.py install                 # set up only
 
@@ -28,6 +28,7 @@ from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv"
+MAIN_JOB = ROOT / "experiments" / "main.json"  # the main job's settings (CPU-sized)
 
 TORCH = "2.13.0"
 FBGEMM = "1.8.0"
@@ -132,7 +133,8 @@ def main(argv: List[str]) -> int:
     if command == "install":
         return 0
     if command == "main":
-        return _run([sys.executable, str(ROOT / "apps" / "pipeline.py"), *rest])
+        return _run([sys.executable, str(ROOT / "apps" / "pipeline.py"),
+                     "--config", str(MAIN_JOB), *rest])
     code = _run([sys.executable, "-m", "pytest", *rest])
     if code == 5:
         print("[bootstrap] pytest collected no tests: treating that as a failure", flush=True)

@@ -22,12 +22,15 @@ import numpy as np
 
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.atomic import atomic_output
-from iat_torchrec.data.prepare import DataConfig, prepare_data
-from iat_torchrec.models.source import Scheme
+from iat_torchrec.data.synthetic import SyntheticConfig
+from iat_torchrec.models.source import Scheme, SourceModelConfig
 from iat_torchrec.stages.compress import CompressConfig, run_compress
+from iat_torchrec.stages.prepare import DataConfig, prepare_data
+from iat_torchrec.train.loop import TrainConfig
 
 VARIANTS = {
-    "base (no bottleneck)": dict(bottleneck=False, scheme=Scheme.TEMPORAL),
+    "base (no bottleneck)": dict(model=SourceModelConfig(bottleneck=False),
+                                 scheme=Scheme.TEMPORAL),
     "temporal-order": dict(scheme=Scheme.TEMPORAL),
     "user-order": dict(scheme=Scheme.USER),
     "user-order two-pass": dict(scheme=Scheme.USER, two_pass=True),
@@ -69,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     logging.getLogger().setLevel(logging.ERROR)
     cfg = parse_config(CompareSourceConfig, argv)
     prepared = prepare_data(DataConfig(dataset=cfg.dataset, data_dir=cfg.data_dir,
-                                       num_instances=cfg.num_instances))
+                                       synthetic=SyntheticConfig(num_instances=cfg.num_instances)))
     label = next(iter(prepared.summary.label_rates))
     results: Dict[str, List[Dict[str, float]]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,8 +84,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                                      export_logs=[str(prepared.splits["valid"])],
                                      store=str(Path(tmp) / f"{seed}-{len(results[name])}-"
                                                f"{list(VARIANTS).index(name)}"),
-                                     seed=seed, epochs=epochs, batch_size=cfg.batch_size,
-                                     log_every=0, **variant)
+                                     train=TrainConfig(seed=seed, epochs=epochs,
+                                                       batch_size=cfg.batch_size, log_every=0),
+                                     **variant)
                 out = run_compress(run)
                 metrics = out["validation"][-1][label]
                 results[name].append({"seed": seed, **metrics,

@@ -6,22 +6,19 @@
 
 Prints mean +- std over seeds of test AUC, GAUC and logloss with the relative gains over
 DLRM+BST, and writes ``results.md``, ``results.csv``, ``results.png`` and ``summary.json``
-beside the index (or to ``--out_dir``). Every flag is a field of
-:class:`iat_torchrec.pipeline.report.EvaluateConfig` (``--help``).
+beside the index (or to ``--out_dir``). Every flag is a (dotted) setting of
+:class:`iat_torchrec.stages.evaluate.EvaluateConfig` (``--help``).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
-from typing import List, Optional
 
-from iat_torchrec.config import parse_config
-from iat_torchrec.pipeline.report import EvaluateConfig, run_evaluate
+from iat_torchrec.stages.cli import stage_main
+from iat_torchrec.stages.evaluate import EvaluateConfig, run_evaluate
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    run_evaluate(parse_config(EvaluateConfig, argv))
-    return 0
+main = functools.partial(stage_main, EvaluateConfig, run_evaluate)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The main job: the whole pipeline, every stage a TorchX job, ending with the comparison table.
 
-    python apps/pipeline.py                               # built-in synthetic default, 2 procs
-    python apps/pipeline.py --dataset movielens           # ml-latest-small
-    python apps/pipeline.py --dataset path/to/log         # your instance log + feature_spec.json
-    python apps/pipeline.py --dataset synthetic movielens --run_dir outputs/both
+    python apps/pipeline.py --config experiments/main.json   # the main job (CPU sizes), 2 procs
+    python apps/pipeline.py --config experiments/main.json --datasets movielens
+    python apps/pipeline.py --datasets path/to/log         # your instance log + feature_spec.json
+    python apps/pipeline.py --downstream.model.mixer.num_blocks 4 --run_dir outputs/n4
 
 Stages (each through ``torchx_components/components.py`` on ``--scheduler``, default
 ``local_cwd``): data (make / import, validate, split in time) -> per seed: IAT source models
@@ -12,8 +12,11 @@ split -> history assembly -> one downstream training per variant -> evaluation: 
 and logloss (mean +- std over seeds, gains over DLRM+BST) in ``<run_dir>/results.{md,csv}``,
 ``results.png`` and ``summary.json``; each stage's log in ``<run_dir>/logs/``. A re-run skips
 the stages whose outputs exist and whose inputs are unchanged, so a run that failed or was
-killed resumes where it stopped. Every flag is a field of
-:class:`iat_torchrec.pipeline.plan.PipelineConfig` (``--help``).
+killed resumes where it stopped. Every flag is a (dotted) setting of
+:class:`iat_torchrec.pipeline.plan.PipelineConfig` (``--help``): the stage configs' own settings
+under ``data.``, ``compress.``, ``tokenize.``, ``assemble.`` and ``downstream.``, with their
+defaults (the method's sizes); ``--config FILE`` reads a JSON file of settings first (the run
+writes every setting to ``<run_dir>/config.json``, which re-runs it).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from iat_torchrec.config import parse_config
-from iat_torchrec.pipeline.plan import PipelineConfig
+from iat_torchrec.pipeline.plan import PipelineConfig, pipeline_flag_exclusions
 from iat_torchrec.pipeline.runner import StageFailed, run_pipeline
 
 
@@ -33,7 +36,7 @@ def _log(msg: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    cfg = parse_config(PipelineConfig, argv)
+    cfg = parse_config(PipelineConfig, argv, exclude=pipeline_flag_exclusions())
     run_dir = Path(cfg.run_dir).resolve()
     start = time.perf_counter()
     try:

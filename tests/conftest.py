@@ -7,6 +7,7 @@ from typing import Dict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from iat_torchrec.data.spec import DenseField, FeatureGroup, FeatureSpec, SparseField
@@ -22,6 +23,35 @@ def require_ml_latest_small() -> Path:
         pytest.fail(f"{ML_LATEST_SMALL} is missing: the tests expect the shared data beside the "
                     "checkout (../shared/data/ml-latest-small)")
     return ML_LATEST_SMALL
+
+
+@pytest.fixture(scope="session")
+def ml_small_log(tmp_path_factory):
+    """ml-latest-small imported once per session: (log directory, its import summary). Read
+    only: a test that changes the log must copy it first."""
+    from iat_torchrec.data.movielens import import_movielens
+
+    require_ml_latest_small()
+    out = tmp_path_factory.mktemp("ml") / "ml-latest-small"
+    return out, import_movielens(ML_LATEST_SMALL, out)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's tests (the test machine is shared: it avoids
+    oversubscription), the thread count restored after. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def read_log(path: Path) -> pa.Table:
+    """All rows of an instance log directory, its ``*.parquet`` files in name order."""
+    return pa.concat_tables(pq.read_table(f) for f in sorted(Path(path).glob("*.parquet")))
 
 
 def tiny_spec() -> FeatureSpec:
@@ -67,3 +97,14 @@ def spec() -> FeatureSpec:
 @pytest.fixture
 def columns() -> Dict[str, object]:
     return tiny_columns()
+
+
+def small_splits(data_dir: Path) -> Dict[str, Path]:
+    """The train / valid / test logs of a small synthetic log (150 users, 4,000 instances, 8
+    sparse + 3 dense fields), prepared by the data stage under ``data_dir``."""
+    from iat_torchrec.data.synthetic import SyntheticConfig
+    from iat_torchrec.stages.prepare import DataConfig, prepare_data
+
+    return prepare_data(DataConfig(data_dir=str(data_dir), synthetic=SyntheticConfig(
+        num_users=150, num_items=100, num_instances=4_000, num_sparse_fields=8,
+        num_dense_fields=3))).splits

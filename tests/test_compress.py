@@ -15,27 +15,24 @@ import pytest
 from torchx.runner import get_runner
 from torchx.specs import AppState
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, small_splits
 from iat_torchrec.data.log import validate_log
-from iat_torchrec.data.prepare import DataConfig, prepare_data
 from iat_torchrec.data.spec import SpecError
 from iat_torchrec.distributed.checkpoint import CheckpointMismatchError
 from iat_torchrec.tokens.store import TokenStore
 from torchx_components import components
 
-SMALL_MODEL = ["--token_dim", "16", "--dense_arch_layers", "16", "8", "--decompress_layers",
-               "32", "16", "--cross_rank", "8", "--sit_heads", "2", "--sit_context", "8",
-               "--log_every", "0", "--token_dtype", "fp32"]
+SMALL_MODEL = ["--model.token_dim", "16", "--model.dense_arch_layers", "16", "8",
+               "--model.decompress_layers", "32", "16", "--model.cross_rank", "8",
+               "--model.sit_heads", "2", "--model.sit_context", "8", "--train.log_every", "0",
+               "--token_dtype", "fp32"]
 # Tokens of 1 and of 2 processes agree within this (measured: about 4e-6).
 PROCESS_COUNT_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory):
-    prepared = prepare_data(DataConfig(num_users=150, num_items=100, num_instances=4_000,
-                                       num_sparse_fields=8, num_dense_fields=3,
-                                       data_dir=str(tmp_path_factory.mktemp("data"))))
-    return prepared.splits
+    return small_splits(tmp_path_factory.mktemp("data"))
 
 
 def _env():
@@ -64,14 +61,15 @@ def _tokens(store: Path):
 
 def test_one_and_two_processes_give_the_same_tokens(splits, tmp_path):
     one = _run(_compress_cmd(splits, tmp_path / "one", "--scheme", "temporal",
-                             "--batch_size", "128"))
+                             "--train.batch_size", "128"))
     assert one.returncode == 0, one.stderr[-3000:]
     # Two processes through the TorchX component (dist.ddp -> torchrun), each half the batch.
-    app = components.compress(train_log=str(splits["train"]), valid_log=str(splits["valid"]),
-                              store=str(tmp_path / "two"), scheme="temporal", batch_size=64,
-                              token_dim=16, dense_arch_layers=[16, 8],
-                              decompress_layers=[32, 16], cross_rank=8, sit_heads=2,
-                              sit_context=8, log_every=0, token_dtype="fp32", j="1x2")
+    app = components.compress(**{
+        "train_log": str(splits["train"]), "valid_log": str(splits["valid"]),
+        "store": str(tmp_path / "two"), "scheme": "temporal", "train.batch_size": 64,
+        "model.token_dim": 16, "model.dense_arch_layers": [16, 8],
+        "model.decompress_layers": [32, 16], "model.cross_rank": 8, "model.sit_heads": 2,
+        "model.sit_context": 8, "train.log_every": 0, "token_dtype": "fp32", "j": "1x2"})
     os.environ["PATH"] = _env()["PATH"]
     with get_runner() as runner:
         handle = runner.run(app, scheduler="local_cwd",
@@ -88,13 +86,13 @@ def test_one_and_two_processes_give_the_same_tokens(splits, tmp_path):
 
 
 def test_killed_and_resumed_run_ends_with_the_same_tokens(splits, tmp_path):
-    args = ["--scheme", "user", "--batch_size", "64", "--epochs", "3",
-            "--checkpoint_every", "3"]
+    args = ["--scheme", "user", "--train.batch_size", "64", "--train.epochs", "3",
+            "--train.checkpoint_every", "3"]
     whole = _run(_compress_cmd(splits, tmp_path / "whole", *args,
-                               "--checkpoint_dir", str(tmp_path / "ck_whole")))
+                               "--train.checkpoint_dir", str(tmp_path / "ck_whole")))
     assert whole.returncode == 0, whole.stderr[-3000:]
     cmd = _compress_cmd(splits, tmp_path / "resumed", *args,
-                        "--checkpoint_dir", str(tmp_path / "ck"))
+                        "--train.checkpoint_dir", str(tmp_path / "ck"))
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -114,11 +112,11 @@ def test_killed_and_resumed_run_ends_with_the_same_tokens(splits, tmp_path):
 
 
 def test_resume_from_another_configuration_is_refused(splits, tmp_path):
-    base = ["--scheme", "temporal", "--batch_size", "256", "--checkpoint_dir",
+    base = ["--scheme", "temporal", "--train.batch_size", "256", "--train.checkpoint_dir",
             str(tmp_path / "ck")]
     assert _run(_compress_cmd(splits, tmp_path / "a", *base)).returncode == 0
     cmd = _compress_cmd(splits, tmp_path / "b", *base)
-    cmd[cmd.index("--token_dim") + 1] = "32"
+    cmd[cmd.index("--model.token_dim") + 1] = "32"
     done = _run(cmd)
     assert done.returncode != 0
     assert CheckpointMismatchError.__name__ in done.stderr and "token_dim" in done.stderr

@@ -21,18 +21,27 @@ from conftest import REPO_ROOT, tiny_columns, tiny_spec
 from iat_torchrec.data.log import write_log
 from iat_torchrec.config import parse_config
 from iat_torchrec.pipeline.plan import VARIANTS, PipelineConfig, Step, build_plan
-from iat_torchrec.pipeline.report import EvaluateConfig, ResultsError, run_evaluate
+from iat_torchrec.stages.evaluate import EvaluateConfig, ResultsError, run_evaluate
 from iat_torchrec.pipeline.runner import PipelineRunner, StageFailed, fingerprints, run_pipeline
 
-TINY = ["--seeds", "0", "--num_instances", "3000", "--num_users", "150", "--num_items", "100",
-        "--num_sparse_fields", "8", "--batch_size", "256", "--max_len", "16",
-        "--item_history_len", "8", "--token_dim", "8", "--source_dense_layers", "16", "8",
-        "--decompress_layers", "16", "--cross_rank", "4", "--sit_heads", "2",
-        "--sit_context", "4", "--field_dim", "4", "--d0", "8", "--levels", "2",
-        "--codebook_size", "16", "--embedding_dim", "8", "--dense_arch_layers", "16",
-        "--over_arch_layers", "16", "8", "--din_attention_layers", "16", "--num_blocks", "1",
-        "--num_heads", "2", "--iat_adapt_dim", "8", "--iat_side_dim", "8", "--iat_layers", "1",
-        "--iat_heads", "2", "--nproc", "1"]
+# The main job's settings, at a tiny size.
+TINY = ["--config", str(REPO_ROOT / "experiments" / "main.json"), "--seeds", "0",
+        "--data.synthetic.num_instances", "3000", "--data.synthetic.num_users", "150",
+        "--data.synthetic.num_items", "100", "--data.synthetic.num_sparse_fields", "8",
+        "--compress.train.batch_size", "256", "--tokenize.train.batch_size", "256",
+        "--downstream.train.batch_size", "256", "--assemble.max_len", "16",
+        "--downstream.model.item_history_len", "8", "--compress.model.token_dim", "8",
+        "--compress.model.dense_arch_layers", "16", "8", "--compress.model.decompress_layers",
+        "16", "--compress.model.cross_rank", "4", "--compress.model.sit_heads", "2",
+        "--compress.model.sit_context", "4", "--tokenize.model.field_dim", "4",
+        "--tokenize.model.d0", "8", "--downstream.model.mixer.d0", "8",
+        "--tokenize.model.levels", "2", "--tokenize.model.codebook_size", "16",
+        "--downstream.model.embedding_dim", "8", "--downstream.model.dense_arch_layers", "16",
+        "--downstream.model.over_arch_layers", "16", "8",
+        "--downstream.model.din.attention_layers", "16", "--downstream.model.mixer.num_blocks",
+        "1", "--downstream.model.iat.adapt_dim", "8", "--downstream.model.iat.side_dim", "8",
+        "--downstream.model.iat.num_layers", "1", "--downstream.model.iat.num_heads", "2",
+        "--nproc", "1"]
 # One variant per kind of stage: no history, the user-order IAT store, SIF codes over it.
 E2E_VARIANTS = ["--variants", "DLRM", "IAT user-order", "SIF over IAT tokens"]
 
@@ -53,8 +62,9 @@ def test_plan_has_every_stage_once_in_input_order():
     assert names[0] == "synthetic/data" and names[-1] == "evaluate"
     assert len(steps[-1].after) == 2 * len(VARIANTS)
     train = next(s for s in steps if s.name == "synthetic/seed1/train_SIF")
-    assert train.args["history_source"] == "sif_codes" and train.args["interaction"] == "mixer"
-    assert train.args["seed"] == 1 and train.args["j"] == "1x1"
+    assert train.args["model.history_source"] == "sif_codes"
+    assert train.args["model.interaction"] == "mixer"
+    assert train.args["train.seed"] == 1 and train.args["j"] == "1x1"
 
 
 def test_plan_holds_only_what_the_variants_need():
@@ -70,7 +80,7 @@ def test_fingerprints_follow_inputs_not_resources():
     fp = fingerprints(base)
     more_cpus = fingerprints(build_plan(parse_config(PipelineConfig, TINY + ["--cpu", "4"])))
     assert more_cpus == fp
-    other = fingerprints(build_plan(parse_config(PipelineConfig, TINY + ["--token_dim", "12"])))
+    other = fingerprints(build_plan(parse_config(PipelineConfig, TINY + ["--compress.model.token_dim", "12"])))
     changed = {n for n in fp if fp[n] != other[n]}
     # the IAT stores change, and everything downstream of them, nothing else
     assert "synthetic/seed0/iat_user" in changed and "synthetic/data" not in changed
@@ -158,7 +168,7 @@ def e2e(tmp_path_factory):
     """apps/pipeline.py's run_pipeline on a tiny log, uninterrupted; returns (args, run dir,
     summary, log lines)."""
     root = tmp_path_factory.mktemp("pipeline")
-    args = TINY + E2E_VARIANTS + ["--data_dir", str(root / "data")]
+    args = TINY + E2E_VARIANTS + ["--data.data_dir", str(root / "data")]
     lines: List[str] = []
     cwd = os.getcwd()
     try:
@@ -266,7 +276,7 @@ def test_a_failing_stage_stops_the_pipeline_with_its_log(e2e, tmp_path, capsys):
         import pipeline as app
         cwd = os.getcwd()
         try:
-            code = app.main(args + ["--dataset", str(bad), "--run_dir", str(tmp_path / "run")])
+            code = app.main(args + ["--datasets", str(bad), "--run_dir", str(tmp_path / "run")])
         finally:
             os.chdir(cwd)
     finally:

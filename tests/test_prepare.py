@@ -9,11 +9,12 @@ import pytest
 
 from conftest import require_ml_latest_small, tiny_columns, tiny_spec
 from iat_torchrec.data.log import write_log
-from iat_torchrec.data.prepare import DataConfig, prepare_data
+from iat_torchrec.data.synthetic import SyntheticConfig
+from iat_torchrec.stages.prepare import DataConfig, prepare_data
 from iat_torchrec.data.splits import SplitMethod
 
-TINY = DataConfig(num_users=300, num_items=200, num_instances=6_000, num_sparse_fields=8,
-                  num_dense_fields=3)
+TINY = DataConfig(synthetic=SyntheticConfig(num_users=300, num_items=200, num_instances=6_000,
+                                            num_sparse_fields=8, num_dense_fields=3))
 
 
 def _mtimes(folder):
@@ -31,7 +32,8 @@ def test_synthetic_is_made_split_in_time_and_reused(tmp_path):
     before = _mtimes(tmp_path)
     again = prepare_data(cfg)
     assert again.log == first.log and _mtimes(tmp_path) == before
-    other = prepare_data(dataclasses.replace(cfg, seed=1))
+    other = prepare_data(dataclasses.replace(
+        cfg, synthetic=dataclasses.replace(cfg.synthetic, seed=1)))
     assert other.log != first.log
     assert "| train |      4,800 |" in first.format()
 

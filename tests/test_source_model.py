@@ -152,8 +152,8 @@ def test_every_pass_starts_without_context(tmp_path):
     path = write_log(pa.table(tiny_columns(n=300, users=5)), tmp_path / "log", tiny_spec())
     cfg = parse_config(compress.CompressConfig, [
         "--train_log", str(path), "--store", str(tmp_path / "store"), "--scheme", "user",
-        "--two_pass", "--epochs", "2", "--batch_size", "64", "--token_dim", "16",
-        "--sit_heads", "2", "--log_every", "0"])
+        "--two_pass", "--train.epochs", "2", "--train.batch_size", "64", "--model.token_dim",
+        "16", "--model.sit_heads", "2", "--train.log_every", "0"])
     compress.Trainer.fit = spy
     try:
         compress.run_compress(cfg)

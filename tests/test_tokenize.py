@@ -12,9 +12,9 @@ import torch
 from torchx.runner import get_runner
 from torchx.specs import AppState
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, small_splits
 from iat_torchrec.data.log import validate_log
-from iat_torchrec.data.prepare import DataConfig, prepare_data
+from iat_torchrec.models.hgaq import HGAQConfig
 from iat_torchrec.stages.tokenize import TokenizeConfig, run_tokenize, store_codebooks
 from iat_torchrec.tokens.store import TokenStore
 from torchx_components import components
@@ -22,19 +22,18 @@ from torchx_components import components
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory):
-    return prepare_data(DataConfig(num_users=150, num_items=100, num_instances=4_000,
-                                   num_sparse_fields=8, num_dense_fields=3,
-                                   data_dir=str(tmp_path_factory.mktemp("data")))).splits
+    return small_splits(tmp_path_factory.mktemp("data"))
 
 
 def test_two_process_tokenizer_exports_codes_that_decode(splits, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    app = components.tokenize(train_log=str(splits["train"]), valid_log=str(splits["valid"]),
-                              export_logs=[str(splits[k]) for k in ("train", "valid", "test")],
-                              store=str(tmp_path / "codes"), codebook_size=32,
-                              fields_per_subtoken=4, batch_size=128, log_every=0,
-                              results=str(tmp_path / "results.json"), j="1x2")
+    app = components.tokenize(**{
+        "train_log": str(splits["train"]), "valid_log": str(splits["valid"]),
+        "export_logs": [str(splits[k]) for k in ("train", "valid", "test")],
+        "store": str(tmp_path / "codes"), "model.codebook_size": 32,
+        "model.fields_per_subtoken": 4, "train.batch_size": 128, "train.log_every": 0,
+        "results": str(tmp_path / "results.json"), "j": "1x2"})
     with get_runner() as runner:
         handle = runner.run(app, scheduler="local_cwd", cfg={"log_dir": str(tmp_path / "logs")})
         status = runner.wait(handle, wait_interval=1)
@@ -57,7 +56,7 @@ def test_two_process_tokenizer_exports_codes_that_decode(splits, tmp_path, monke
 
 def test_codebook_larger_than_uint8_is_refused(splits, tmp_path):
     cfg = TokenizeConfig(train_log=str(splits["train"]), store=str(tmp_path / "c"),
-                         codebook_size=300)
+                         model=HGAQConfig(codebook_size=300))
     with pytest.raises(ValueError, match="at most 256 codes"):
         run_tokenize(cfg)
     assert not (tmp_path / "c").exists()

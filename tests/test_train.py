@@ -18,24 +18,27 @@ import torch.distributed as dist
 from torchx.runner import get_runner
 from torchx.specs import AppState
 
+from conftest import small_splits
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.log import InstanceLogError, log_files
-from iat_torchrec.data.prepare import DataConfig, prepare_data
 from iat_torchrec.stages import train as train_stage
 from iat_torchrec.stages.compress import CompressConfig, run_compress
 from iat_torchrec.stages.train import TrainDownstreamConfig, TrainInputError, run_train
-from iat_torchrec.tokens.assembly import AssembleConfig, HistoryShardsError, assemble_history
+from iat_torchrec.stages.assemble import AssembleConfig, assemble_history
+from iat_torchrec.tokens.shards import HistoryShardsError
 from torchx_components import components
 
-SMALL_SOURCE = ["--scheme", "temporal", "--token_dim", "8", "--dense_arch_layers", "16", "8",
-                "--decompress_layers", "16", "--cross_rank", "4", "--sit_heads", "2",
-                "--sit_context", "4", "--log_every", "0", "--token_dtype", "fp32",
-                "--batch_size", "512"]
-SMALL_MODEL = ["--embedding_dim", "8", "--dense_arch_layers", "16", "--over_arch_layers", "16",
-               "8", "--d0", "8", "--num_blocks", "1", "--num_heads", "2", "--item_feature",
-               "item_id", "--item_history_len", "8", "--din_attention_layers", "16",
-               "--iat_adapt_dim", "8", "--iat_side_dim", "8", "--iat_layers", "1",
-               "--iat_heads", "2", "--batch_size", "256", "--log_every", "0"]
+SMALL_SOURCE = ["--scheme", "temporal", "--model.token_dim", "8", "--model.dense_arch_layers",
+                "16", "8", "--model.decompress_layers", "16", "--model.cross_rank", "4",
+                "--model.sit_heads", "2", "--model.sit_context", "4", "--train.log_every", "0",
+                "--token_dtype", "fp32", "--train.batch_size", "512"]
+SMALL_MODEL = ["--model.embedding_dim", "8", "--model.dense_arch_layers", "16",
+               "--model.over_arch_layers", "16", "8", "--model.mixer.d0", "8",
+               "--model.mixer.num_blocks", "1", "--model.mixer.num_heads", "2",
+               "--model.item_feature", "item_id", "--model.item_history_len", "8",
+               "--model.din.attention_layers", "16", "--model.iat.adapt_dim", "8",
+               "--model.iat.side_dim", "8", "--model.iat.num_layers", "1", "--model.iat.num_heads",
+               "2", "--train.batch_size", "256", "--train.log_every", "0"]
 METRICS = ("auc", "gauc", "logloss")
 
 
@@ -45,9 +48,7 @@ def world(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the test machine is shared
     root = tmp_path_factory.mktemp("train")
-    splits = prepare_data(DataConfig(num_users=150, num_items=100, num_instances=4_000,
-                                     num_sparse_fields=8, num_dense_fields=3,
-                                     data_dir=str(root / "data"))).splits
+    splits = small_splits(root / "data")
     store = root / "iat"
     run_compress(parse_config(CompressConfig, [
         "--train_log", str(splits["train"]), "--store", str(store), "--export_logs",
@@ -64,7 +65,7 @@ def world(tmp_path_factory):
 def _args(world, source: str, *extra: str) -> list:
     s, h = world["splits"], world["history"]
     args = ["--train_log", str(s["train"]), "--valid_log", str(s["valid"]), "--test_log",
-            str(s["test"]), "--history_source", source, *SMALL_MODEL]
+            str(s["test"]), "--model.history_source", source, *SMALL_MODEL]
     if source != "none":
         args += ["--iat_store", str(world["store"]), "--train_history", str(h["train"]),
                  "--valid_history", str(h["valid"]), "--test_history", str(h["test"])]
@@ -76,14 +77,14 @@ def _args(world, source: str, *extra: str) -> list:
 def test_sources_train_and_report_valid_and_test(world, tmp_path, source, interaction):
     out = tmp_path / "results.json"
     got = run_train(parse_config(TrainDownstreamConfig, _args(
-        world, source, "--interaction", interaction, "--results", str(out))))
+        world, source, "--model.interaction", interaction, "--results", str(out))))
     saved = json.loads(out.read_text())
     assert saved["best_epoch"] == 0 and saved["steps"] == got["steps"] > 0
     for split in ("valid", "test"):
         m = saved[split]["click"]
         assert all(math.isfinite(m[k]) for k in METRICS), m
         assert 0.0 <= m["auc"] <= 1.0 and m["count"] > 0
-    assert saved["config"]["history_source"] == source
+    assert saved["config"]["model"]["history_source"] == source
     print(f"{source}/{interaction}: valid auc {saved['valid']['click']['auc']:.4f} gauc "
           f"{saved['valid']['click']['gauc']:.4f}  test auc {saved['test']['click']['auc']:.4f} "
           f"gauc {saved['test']['click']['gauc']:.4f} logloss "
@@ -94,13 +95,16 @@ def test_two_processes_through_the_component_match_one(world, tmp_path, monkeypa
     """dist.ddp -> torchrun, 2 gloo processes with half the batch each: the same metrics."""
     one = run_train(parse_config(TrainDownstreamConfig, _args(world, "din")))
     s, h = world["splits"], world["history"]
-    app = components.train(
-        train_log=str(s["train"]), valid_log=str(s["valid"]), test_log=str(s["test"]),
-        history_source="din", iat_store=str(world["store"]), train_history=str(h["train"]),
-        valid_history=str(h["valid"]), test_history=str(h["test"]), embedding_dim=8,
-        dense_arch_layers=[16], over_arch_layers=[16, 8], d0=8, num_blocks=1, num_heads=2,
-        item_feature="item_id", item_history_len=8, din_attention_layers=[16], batch_size=128,
-        log_every=0, results=str(tmp_path / "two.json"), j="1x2")
+    app = components.train(**{
+        "train_log": str(s["train"]), "valid_log": str(s["valid"]), "test_log": str(s["test"]),
+        "model.history_source": "din", "iat_store": str(world["store"]),
+        "train_history": str(h["train"]), "valid_history": str(h["valid"]),
+        "test_history": str(h["test"]), "model.embedding_dim": 8,
+        "model.dense_arch_layers": [16], "model.over_arch_layers": [16, 8],
+        "model.mixer.d0": 8, "model.mixer.num_blocks": 1, "model.mixer.num_heads": 2,
+        "model.item_feature": "item_id", "model.item_history_len": 8,
+        "model.din.attention_layers": [16], "train.batch_size": 128, "train.log_every": 0,
+        "results": str(tmp_path / "two.json"), "j": "1x2"})
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     with get_runner() as runner:
         handle = runner.run(app, scheduler="local_cwd",
@@ -117,11 +121,11 @@ def test_two_processes_through_the_component_match_one(world, tmp_path, monkeypa
 def test_resume_keeps_the_epochs_and_their_selection(world, tmp_path):
     # The mixer without SIF history rows leaves its recency / side embeddings without a
     # gradient (and without optimizer state): the resume must cope with that.
-    ck = ["--checkpoint_dir", str(tmp_path / "ck"), "--interaction", "mixer"]
+    ck = ["--train.checkpoint_dir", str(tmp_path / "ck"), "--model.interaction", "mixer"]
     first = run_train(parse_config(TrainDownstreamConfig, _args(world, "none", *ck)))
     assert [e["epoch"] for e in first["epochs"]] == [0]
     again = run_train(parse_config(TrainDownstreamConfig,
-                                   _args(world, "none", "--epochs", "2", *ck)))
+                                   _args(world, "none", "--train.epochs", "2", *ck)))
     assert [e["epoch"] for e in again["epochs"]] == [0, 1]
     assert again["epochs"][0] == first["epochs"][0]  # restored from the checkpoint
     assert again["steps"] == 2 * first["steps"]

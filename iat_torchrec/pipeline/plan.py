@@ -1,6 +1,6 @@
 """The pipeline's plan: every stage of every dataset and seed, as TorchX component calls.
 
-Per dataset (``--dataset``: synthetic, movielens or the path of a user's instance log) the data
+Per dataset (``--datasets``: synthetic, movielens or the path of a user's instance log) the data
 stage makes, validates and splits the log in time; then per seed, under
 ``<run_dir>/work/<dataset>/seed<k>/``:
 
@@ -18,11 +18,18 @@ A last ``evaluate`` stage reads every run's results and writes the comparison ta
 and ``summary.json`` into ``run_dir``. Only the stores and histories the chosen variants need
 are planned.
 
+Settings: :class:`PipelineConfig` nests one typed config per stage (``data``, ``compress``,
+``tokenize``, ``assemble``, ``downstream``: the stage configs themselves, so every setting keeps
+its one declaration and default); the plan fills the fields it owns (:data:`PLAN_OWNED`: paths,
+the seed, the variant's history source, the device) and passes the rest through unchanged.
+A run is reproducible from the ``config.json`` it writes (``--config``).
+
 Variants (METHOD.md, "Evaluation protocol"): DLRM (no history, dot interaction), DLRM+DIN,
 DLRM+BST, IAT temporal-order, IAT user-order (each with the BST item branch beside the IAT
 branch), SIF (HGAQ codes through the SIF-Mixer) and SIF over IAT tokens (``sif_iat``, user-order
 store). The non-SIF variants use ``baseline_interaction`` (dot: TorchRec's DLRM); the SIF ones
-need the SIF-Mixer.
+need the SIF-Mixer. What each variant needs (tokens, codes, the mixer) comes from the model's
+table of history sources (:data:`iat_torchrec.models.variants.VARIANTS`).
 """
 
 from __future__ import annotations
@@ -32,22 +39,49 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from iat_torchrec.data.prepare import DataConfig, DataPaths, data_paths
+from iat_torchrec.config import nested, to_flat
+from iat_torchrec.models.variants import HistorySource
+from iat_torchrec.models.source import Scheme
+from iat_torchrec.stages.assemble import AssembleConfig
+from iat_torchrec.stages.compress import CompressConfig
+from iat_torchrec.stages.evaluate import EvaluateConfig
+from iat_torchrec.stages.prepare import DataConfig, DataPaths, data_paths
+from iat_torchrec.stages.tokenize import TokenizeConfig
+from iat_torchrec.stages.train import TrainDownstreamConfig
 
 SPLITS = ("train", "valid", "test")
 BASELINE = "DLRM+BST"
-# name -> history source, the store its histories index (None: no history), SIF-Mixer or not
+# name -> (history source, the store its histories index; None: no history)
 VARIANTS: Dict[str, Dict[str, Any]] = {
-    "DLRM": dict(source="none", store=None, sif=False),
-    "DLRM+DIN": dict(source="din", store="iat_temporal", sif=False),
-    "DLRM+BST": dict(source="bst", store="iat_temporal", sif=False),
-    "IAT temporal-order": dict(source="iat", store="iat_temporal", sif=False),
-    "IAT user-order": dict(source="iat", store="iat_user", sif=False),
-    "SIF": dict(source="sif_codes", store="sif", sif=True),
-    "SIF over IAT tokens": dict(source="sif_iat", store="iat_user", sif=True),
+    "DLRM": dict(source="none", store=None),
+    "DLRM+DIN": dict(source="din", store="iat_temporal"),
+    "DLRM+BST": dict(source="bst", store="iat_temporal"),
+    "IAT temporal-order": dict(source="iat", store="iat_temporal"),
+    "IAT user-order": dict(source="iat", store="iat_user"),
+    "SIF": dict(source="sif_codes", store="sif"),
+    "SIF over IAT tokens": dict(source="sif_iat", store="iat_user"),
 }
-SCHEMES = {"iat_temporal": "temporal", "iat_user": "user"}
+SCHEMES = {"iat_temporal": Scheme.TEMPORAL, "iat_user": Scheme.USER}
 RUNS_INDEX = "runs.json"
+# Settings of each stage config that the plan sets (paths, seeds, per-variant choices, the
+# device): not offered as pipeline flags.
+_TRAINING = ("train.seed", "train.checkpoint_dir", "sharding.device")
+_EXPORT = ("train_log", "valid_log", "export_logs", "store", "overwrite", "results", *_TRAINING)
+PLAN_OWNED: Dict[str, tuple] = {
+    "data": ("dataset",),
+    "compress": (*_EXPORT, "scheme"),
+    "tokenize": _EXPORT,
+    "assemble": ("target_log", "store", "output", "overwrite"),
+    "downstream": ("train_log", "valid_log", "test_log", "iat_store", "sif_store",
+                   "train_history", "valid_history", "test_history", "item_logs", "results",
+                   "model.history_source", "model.interaction", *_TRAINING),
+}
+
+
+def _needs_sif_store(variant: str) -> bool:
+    """The SIF code store: codes of history steps, or codebooks for the mixer's L_align (the
+    model's table: :attr:`~iat_torchrec.models.variants.Variant.is_sif`)."""
+    return HistorySource(VARIANTS[variant]["source"]).variant.is_sif
 
 
 @dataclasses.dataclass
@@ -55,30 +89,18 @@ class PipelineConfig:
     """The whole pipeline: data, stage 1 (IAT source models, HGAQ tokenizer), assembly, every
     downstream variant over seeds, evaluation; each stage a TorchX job."""
 
-    dataset: List[str] = dataclasses.field(default_factory=lambda: ["synthetic"], metadata={
+    datasets: List[str] = dataclasses.field(default_factory=lambda: ["synthetic"], metadata={
         "help": "synthetic (built-in default), movielens, and / or paths of instance logs "
                 "(a directory with feature_spec.json)"})
     seeds: List[int] = dataclasses.field(default_factory=lambda: [0, 1, 2], metadata={
         "help": "seeds (each re-trains every stage)"})
     variants: List[str] = dataclasses.field(default_factory=lambda: list(VARIANTS), metadata={
         "help": "variants to run (default all): " + ", ".join(VARIANTS)})
+    baseline_interaction: str = dataclasses.field(default="dot", metadata={
+        "help": "interaction of the non-SIF variants: dot (TorchRec DLRM) or mixer"})
     run_dir: str = dataclasses.field(default="outputs/pipeline", metadata={
         "help": "results.{md,csv,png}, summary.json, logs/ (per stage) and work/ (stage "
                 "outputs); a re-run skips the stages already made there"})
-    data_dir: str = dataclasses.field(default="outputs/data", metadata={
-        "help": "prepared data (shared between runs)"})
-    movielens_source: str = dataclasses.field(default="../shared/data/ml-latest-small",
-                                              metadata={"help": "MovieLens directory"})
-    num_instances: int = dataclasses.field(default=50_000, metadata={
-        "help": "synthetic: instances"})
-    num_users: int = dataclasses.field(default=100, metadata={
-        "help": "synthetic: users (500 instances each by default: the user x context signal "
-                "needs long histories)"})
-    num_items: int = dataclasses.field(default=2_000, metadata={"help": "synthetic: items"})
-    num_sparse_fields: int = dataclasses.field(default=26, metadata={
-        "help": "synthetic: sparse fields"})
-    item_feature: str = dataclasses.field(default="", metadata={
-        "help": "item-id field of the target (default: item_id, movie for movielens)"})
     # ------------------------------------------------------------------ resources
     scheduler: str = dataclasses.field(default="local_cwd", metadata={
         "help": "TorchX scheduler every stage is launched on (local_cwd, slurm, kubernetes ...)"})
@@ -90,56 +112,22 @@ class PipelineConfig:
     assemble_nproc: int = dataclasses.field(default=1, metadata={
         "help": "processes per node of every assembly stage (assembly is light: below some 10M "
                 "samples starting processes costs more than the work)"})
-    device: str = dataclasses.field(default="cpu", metadata={"help": "cpu or cuda"})
     cpu: int = dataclasses.field(default=1, metadata={"help": "CPUs per process"})
     gpu: int = dataclasses.field(default=0, metadata={
-        "help": "GPUs per process (1 with --device cuda)"})
+        "help": "GPUs per process of the training stages (> 0: they run on cuda)"})
     memMB: int = dataclasses.field(default=4096, metadata={"help": "memory per process, MB"})
-    checkpoint_every: int = dataclasses.field(default=500, metadata={
-        "help": "training steps between checkpoints: a killed stage resumes from the last"})
-    # ------------------------------------------------------------------ training runs
-    source_epochs: int = dataclasses.field(default=1, metadata={"help": "IAT source model"})
-    tokenizer_epochs: int = dataclasses.field(default=1, metadata={"help": "HGAQ tokenizer"})
-    epochs: int = dataclasses.field(default=1, metadata={
-        "help": "downstream epochs (the best valid AUC epoch is reported)"})
-    batch_size: int = dataclasses.field(default=512, metadata={"help": "rows per process step"})
-    max_len: int = dataclasses.field(default=50, metadata={"help": "L: history length"})
-    baseline_interaction: str = dataclasses.field(default="dot", metadata={
-        "help": "interaction of the non-SIF variants: dot (TorchRec DLRM) or mixer"})
-    # ------------------------------------------------------------------ model sizes
-    token_dim: int = dataclasses.field(default=32, metadata={"help": "IAT token width d"})
-    source_dense_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32],
-                                                       metadata={"help": "source dense arch"})
-    decompress_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32],
-                                                     metadata={"help": "source decompressor"})
-    cross_rank: int = dataclasses.field(default=16, metadata={"help": "source DCN rank"})
-    sit_heads: int = dataclasses.field(default=2, metadata={"help": "SIT heads"})
-    sit_context: int = dataclasses.field(default=16, metadata={"help": "SIT context"})
-    field_dim: int = dataclasses.field(default=8, metadata={"help": "HGAQ field size"})
-    d0: int = dataclasses.field(default=16, metadata={"help": "HGAQ codeword / SIF token size"})
-    levels: int = dataclasses.field(default=3, metadata={"help": "HGAQ levels"})
-    codebook_size: int = dataclasses.field(default=64, metadata={"help": "HGAQ codes per level"})
-    embedding_dim: int = dataclasses.field(default=16, metadata={"help": "downstream D"})
-    dense_arch_layers: List[int] = dataclasses.field(default_factory=lambda: [64],
-                                                     metadata={"help": "downstream dense arch"})
-    over_arch_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32],
-                                                    metadata={"help": "downstream over arch"})
-    item_history_len: int = dataclasses.field(default=50, metadata={
-        "help": "k: item-id history length (capped at max_len)"})
-    din_attention_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32],
-                                                        metadata={"help": "DIN unit"})
-    num_blocks: int = dataclasses.field(default=2, metadata={"help": "SIF-Mixer blocks"})
-    num_heads: int = dataclasses.field(default=2, metadata={"help": "SIF-Mixer / BST heads"})
-    iat_adapt_dim: int = dataclasses.field(default=32, metadata={"help": "IAT branch adapt"})
-    iat_side_dim: int = dataclasses.field(default=32, metadata={"help": "IAT branch side"})
-    iat_layers: int = dataclasses.field(default=1, metadata={"help": "IAT branch blocks"})
-    iat_heads: int = dataclasses.field(default=2, metadata={"help": "IAT branch heads"})
+    # ------------------------------------------------------------------ the stages
+    data: DataConfig = nested(DataConfig, "the data stage (every dataset)")
+    compress: CompressConfig = nested(CompressConfig, "the IAT source models (both orders)")
+    tokenize: TokenizeConfig = nested(TokenizeConfig, "the HGAQ tokenizer")
+    assemble: AssembleConfig = nested(AssembleConfig, "history assembly (every store and split)")
+    downstream: TrainDownstreamConfig = nested(TrainDownstreamConfig, "every downstream variant")
 
     def check(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-        if not self.seeds or not self.dataset or not self.variants:
+        if not self.seeds or not self.datasets or not self.variants:
             raise ValueError("give at least one dataset, one seed and one variant")
         if min(self.nproc, self.assemble_nproc, self.nnodes) < 1:
             raise ValueError("--nproc, --assemble_nproc and --nnodes must be >= 1")
@@ -147,24 +135,32 @@ class PipelineConfig:
         if bad:
             raise ValueError(f"--scheduler_args takes key=value pairs, got {bad}")
 
+    @property
+    def device(self) -> str:
+        """Where the training stages run."""
+        return "cuda" if self.gpu > 0 else "cpu"
+
     def data_config(self, dataset: str) -> DataConfig:
-        return DataConfig(dataset=dataset, data_dir=self.data_dir,
-                          movielens_source=self.movielens_source, num_users=self.num_users,
-                          num_items=self.num_items, num_instances=self.num_instances,
-                          num_sparse_fields=self.num_sparse_fields)
+        return dataclasses.replace(self.data, dataset=dataset)
 
     def item_feature_of(self, dataset: str) -> str:
-        if self.item_feature:
-            return self.item_feature
+        if self.downstream.model.item_feature:
+            return self.downstream.model.item_feature
         return "movie" if dataset == "movielens" else "item_id"
+
+
+def pipeline_flag_exclusions() -> List[str]:
+    """The dotted settings of :class:`PipelineConfig` the plan owns (not offered as flags)."""
+    return [f"{stage}.{name}" for stage, names in PLAN_OWNED.items() for name in names]
 
 
 @dataclasses.dataclass
 class Step:
     """One stage launch: ``component`` (a function of ``torchx_components/components.py``)
-    called with ``args``; done when every path of ``outputs`` exists. ``after`` names the steps
-    whose outputs it reads (their fingerprints enter its own); ``checkpoint_dir`` (if any) is
-    where a killed run of it resumes from."""
+    called with ``args`` (the stage config's settings by dotted name, and the resources); done
+    when every path of ``outputs`` exists. ``after`` names the steps whose outputs it reads
+    (their fingerprints enter its own); ``checkpoint_dir`` (if any) is where a killed run of it
+    resumes from; ``config`` is the stage's typed config (``None`` for tests' own steps)."""
 
     name: str
     component: str
@@ -172,6 +168,7 @@ class Step:
     outputs: List[str]
     after: List[str] = dataclasses.field(default_factory=list)
     checkpoint_dir: Optional[str] = None
+    config: Any = None
 
 
 def slug(variant: str) -> str:
@@ -188,42 +185,45 @@ def results_path(work: Path, variant: str) -> Path:
     return work / f"results_{slug(variant)}.json"
 
 
+def _training(config: Any, seed: int, checkpoint_dir: str, device: str) -> Dict[str, Any]:
+    """The plan-owned training settings of a stage config."""
+    return dict(train=dataclasses.replace(config.train, seed=seed,
+                                          checkpoint_dir=checkpoint_dir),
+                sharding=dataclasses.replace(config.sharding, device=device))
+
+
 class _Planner:
     def __init__(self, cfg: PipelineConfig) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.steps: List[Step] = []
 
-    def add(self, step: Step) -> str:
-        self.steps.append(step)
-        return step.name
-
-    def resources(self, training: bool = True) -> Dict[str, Any]:
+    def add(self, name: str, component: str, config: Any, outputs: List[str],
+            after: Optional[List[str]] = None, checkpoint_dir: Optional[str] = None,
+            training: bool = True, distributed: bool = True) -> str:
         c = self.cfg
-        nproc = c.nproc if training else c.assemble_nproc
-        res: Dict[str, Any] = dict(j=f"{c.nnodes}x{nproc}", cpu=c.cpu, memMB=c.memMB)
+        res: Dict[str, Any] = dict(cpu=c.cpu, memMB=c.memMB)
+        if distributed:
+            res["j"] = f"{c.nnodes}x{c.nproc if training else c.assemble_nproc}"
         if training:
-            res.update(gpu=c.gpu, device=c.device)
-        return res
+            res["gpu"] = c.gpu
+        self.steps.append(Step(name=name, component=component, args={**to_flat(config), **res},
+                               outputs=outputs, after=list(after or []),
+                               checkpoint_dir=checkpoint_dir, config=config))
+        return name
 
     def data(self, dataset: str) -> DataPaths:
-        c = self.cfg
-        dc = c.data_config(dataset)
+        dc = self.cfg.data_config(dataset)
         paths = data_paths(dc)
-        args = {f.name: getattr(dc, f.name) for f in dataclasses.fields(dc)}
-        self.add(Step(name=f"{paths.name}/data", component="prepare_data",
-                      args={**args, "cpu": c.cpu, "memMB": c.memMB},
-                      outputs=[str(p) for p in paths.splits.values()]))
+        self.add(f"{paths.name}/data", "prepare_data", dc,
+                 [str(p) for p in paths.splits.values()], training=False, distributed=False)
         return paths
 
     def stores(self, paths: DataPaths, seed: int, work: Path, needed: set) -> Dict[str, str]:
         c = self.cfg
         splits = {k: str(v) for k, v in paths.splits.items()}
-        common = dict(train_log=splits["train"], valid_log=splits["valid"],
-                      export_logs=[splits[s] for s in SPLITS], seed=seed,
-                      batch_size=c.batch_size, log_every=0,
-                      checkpoint_every=c.checkpoint_every, **self.resources())
-        data_step = f"{paths.name}/data"
+        io = dict(train_log=splits["train"], valid_log=splits["valid"],
+                  export_logs=[splits[s] for s in SPLITS])
         out: Dict[str, str] = {}
         for name in sorted(needed):
             store = str(work / name)
@@ -231,18 +231,15 @@ class _Planner:
             ckpt = str(work / "checkpoints" / name)
             if name in SCHEMES:
                 component = "compress"
-                args = dict(store=store, scheme=SCHEMES[name], epochs=c.source_epochs,
-                            token_dim=c.token_dim, dense_arch_layers=list(c.source_dense_layers),
-                            decompress_layers=list(c.decompress_layers),
-                            cross_rank=c.cross_rank, sit_heads=c.sit_heads,
-                            sit_context=c.sit_context, token_dtype="fp32")
+                config: Any = dataclasses.replace(c.compress, store=store, scheme=SCHEMES[name],
+                                                  **io, **_training(c.compress, seed, ckpt,
+                                                                    c.device))
             else:
                 component = "tokenize"
-                args = dict(store=store, epochs=c.tokenizer_epochs, field_dim=c.field_dim,
-                            d0=c.d0, levels=c.levels, codebook_size=c.codebook_size)
-            self.add(Step(name=f"{paths.name}/seed{seed}/{name}", component=component,
-                          args={**common, **args, "checkpoint_dir": ckpt}, outputs=[store],
-                          after=[data_step], checkpoint_dir=ckpt))
+                config = dataclasses.replace(c.tokenize, store=store, **io,
+                                             **_training(c.tokenize, seed, ckpt, c.device))
+            self.add(f"{paths.name}/seed{seed}/{name}", component, config, [store],
+                     after=[f"{paths.name}/data"], checkpoint_dir=ckpt)
         return out
 
     def histories(self, paths: DataPaths, seed: int, work: Path, stores: Dict[str, str],
@@ -253,13 +250,12 @@ class _Planner:
             for split in SPLITS:
                 output = str(work / f"hist_{name}_{split}")
                 out[name][split] = output
-                self.add(Step(
-                    name=f"{paths.name}/seed{seed}/hist_{name}_{split}", component="assemble",
-                    args=dict(target_log=str(paths.splits[split]), store=stores[name],
-                              output=output, max_len=self.cfg.max_len,
-                              **self.resources(training=False)),
-                    outputs=[output],
-                    after=[f"{paths.name}/data", f"{paths.name}/seed{seed}/{name}"]))
+                config = dataclasses.replace(self.cfg.assemble,
+                                             target_log=str(paths.splits[split]),
+                                             store=stores[name], output=output)
+                self.add(f"{paths.name}/seed{seed}/hist_{name}_{split}", "assemble", config,
+                         [output], after=[f"{paths.name}/data", f"{paths.name}/seed{seed}/{name}"],
+                         training=False)
         return out
 
     def train(self, paths: DataPaths, dataset: str, seed: int, work: Path, variant: str,
@@ -278,27 +274,23 @@ class _Planner:
             if v["store"] != "sif":
                 kw["iat_store"] = stores[v["store"]]
                 after.append(f"{prefix}/{v['store']}")
-        if v["sif"]:
+        sif = _needs_sif_store(variant)
+        if sif:
             kw["sif_store"] = stores["sif"]
             after.append(f"{prefix}/sif")
         results = str(results_path(work, variant))
         ckpt = str(work / "checkpoints" / slug(variant))
-        args = dict(
-            train_log=splits["train"], valid_log=splits["valid"], test_log=splits["test"],
-            history_source=v["source"],
-            interaction="mixer" if v["sif"] else c.baseline_interaction, results=results,
-            seed=seed, epochs=c.epochs, batch_size=c.batch_size, log_every=0,
-            checkpoint_dir=ckpt, checkpoint_every=c.checkpoint_every,
-            embedding_dim=c.embedding_dim, dense_arch_layers=list(c.dense_arch_layers),
-            over_arch_layers=list(c.over_arch_layers), item_feature=c.item_feature_of(dataset),
-            item_history_len=min(c.item_history_len, c.max_len), d0=c.d0,
-            num_blocks=c.num_blocks, num_heads=c.num_heads, bst_heads=c.num_heads,
-            din_attention_layers=list(c.din_attention_layers), iat_adapt_dim=c.iat_adapt_dim,
-            iat_side_dim=c.iat_side_dim, iat_layers=c.iat_layers, iat_heads=c.iat_heads,
-            **kw, **self.resources())
-        self.add(Step(name=f"{prefix}/train_{slug(variant)}", component="train", args=args,
-                      outputs=[results], after=after, checkpoint_dir=ckpt))
-        return results
+        d = c.downstream
+        model = dataclasses.replace(
+            d.model, history_source=HistorySource(v["source"]),
+            interaction="mixer" if sif else c.baseline_interaction,
+            item_feature=c.item_feature_of(dataset),
+            item_history_len=min(d.model.item_history_len, c.assemble.max_len))
+        config = dataclasses.replace(
+            d, train_log=splits["train"], valid_log=splits["valid"], test_log=splits["test"],
+            results=results, model=model, **kw, **_training(d, seed, ckpt, c.device))
+        return self.add(f"{prefix}/train_{slug(variant)}", "train", config, [results],
+                        after=after, checkpoint_dir=ckpt)
 
 
 def build_plan(cfg: PipelineConfig) -> List[Step]:
@@ -308,33 +300,31 @@ def build_plan(cfg: PipelineConfig) -> List[Step]:
     p = _Planner(cfg)
     stores_needed = {VARIANTS[v]["store"] for v in cfg.variants} - {None}
     hist_needed = set(stores_needed)
-    if any(VARIANTS[v]["sif"] for v in cfg.variants):
+    if any(_needs_sif_store(v) for v in cfg.variants):
         stores_needed.add("sif")
     train_steps: List[str] = []
-    for dataset in cfg.dataset:
+    for dataset in cfg.datasets:
         paths = p.data(dataset)
         for seed in cfg.seeds:
             work = work_dir(p.run_dir, paths.name, seed)
             stores = p.stores(paths, seed, work, stores_needed)
             histories = p.histories(paths, seed, work, stores, hist_needed)
             for variant in cfg.variants:
-                p.train(paths, dataset, seed, work, variant, stores, histories)
-                train_steps.append(p.steps[-1].name)
+                train_steps.append(p.train(paths, dataset, seed, work, variant, stores,
+                                           histories))
     out = p.run_dir
-    p.add(Step(name="evaluate", component="evaluate",
-               args=dict(runs=str(out / RUNS_INDEX), out_dir=str(out), cpu=cfg.cpu,
-                         memMB=cfg.memMB),
-               outputs=[str(out / n) for n in ("results.md", "results.csv", "results.png",
-                                                "summary.json")],
-               after=train_steps))
+    p.add("evaluate", "evaluate", EvaluateConfig(runs=str(out / RUNS_INDEX), out_dir=str(out)),
+          [str(out / n) for n in ("results.md", "results.csv", "results.png", "summary.json")],
+          after=train_steps, training=False, distributed=False)
     return p.steps
 
 
 def runs_index(cfg: PipelineConfig) -> Dict[str, Any]:
-    """What the evaluation reads: per dataset, its train log and each variant's results file
-    per seed (``{"datasets": {name: {"train_log", "runs": {variant: [{"seed", "results"}]}}}``)."""
-    index: Dict[str, Any] = {"datasets": {}}
-    for dataset in cfg.dataset:
+    """What the evaluation reads: the baseline variant, and per dataset its train log and each
+    variant's results file per seed (``{"baseline", "datasets": {name: {"train_log", "log",
+    "runs": {variant: [{"seed", "results"}]}}}}``)."""
+    index: Dict[str, Any] = {"baseline": BASELINE, "datasets": {}}
+    for dataset in cfg.datasets:
         paths = data_paths(cfg.data_config(dataset))
         runs = {v: [{"seed": s, "results": str(results_path(
             work_dir(Path(cfg.run_dir), paths.name, s), v))} for s in cfg.seeds]

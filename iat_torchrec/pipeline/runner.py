@@ -28,11 +28,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from iat_torchrec.config import save_config
 from iat_torchrec.data.atomic import atomic_output
 from iat_torchrec.pipeline.plan import RUNS_INDEX, PipelineConfig, Step, build_plan, runs_index
+from torchx_components import components
 
 # Arguments that do not change what a step makes.
-NOT_IN_FINGERPRINT = ("image", "cpu", "memMB", "log_every")
+NOT_IN_FINGERPRINT = ("image", "cpu", "memMB", "train.log_every")
 LOCAL_SCHEDULERS = ("local_cwd", "local_docker")
 TAIL_LINES = 60
 
@@ -221,18 +223,17 @@ def _absolute(cfg: PipelineConfig) -> PipelineConfig:
     """``cfg`` with every path absolute (the stages run with the repository as their working
     directory, the caller may be elsewhere)."""
     named = ("synthetic", "movielens")
+    data = dataclasses.replace(cfg.data, data_dir=str(Path(cfg.data.data_dir).resolve()),
+                               movielens_source=str(Path(cfg.data.movielens_source).resolve()))
     return dataclasses.replace(
-        cfg, run_dir=str(Path(cfg.run_dir).resolve()), data_dir=str(Path(cfg.data_dir).resolve()),
-        movielens_source=str(Path(cfg.movielens_source).resolve()),
-        dataset=[d if d in named else str(Path(d).resolve()) for d in cfg.dataset])
+        cfg, run_dir=str(Path(cfg.run_dir).resolve()), data=data,
+        datasets=[d if d in named else str(Path(d).resolve()) for d in cfg.datasets])
 
 
 def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Plan, run (or resume) and evaluate the whole pipeline of ``cfg`` through TorchX; returns
     the evaluation's ``summary.json`` content. Raises :class:`StageFailed` at the first stage
     that fails (its log is printed)."""
-    from torchx_components import components
-
     cfg = _absolute(cfg)
     cfg.check()
     repo = Path(components.__file__).resolve().parents[1]
@@ -242,8 +243,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> Dic
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(run_dir / RUNS_INDEX, overwrite=True) as t:
         t.write_text(json.dumps(runs_index(cfg), indent=2) + "\n")
-    with atomic_output(run_dir / "config.json", overwrite=True) as t:
-        t.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    save_config(cfg, run_dir / "config.json")
     options = dict(a.split("=", 1) for a in cfg.scheduler_args)
     runner = PipelineRunner(str(run_dir), {s.component: getattr(components, s.component)
                                            for s in steps},

@@ -16,48 +16,62 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from iat_torchrec.config import nested, to_dict, to_flat
 from iat_torchrec.data.atomic import OutputExistsError, atomic_output
 from iat_torchrec.data.batch import InstanceBatch
 from iat_torchrec.data.log import log_files, read_key_columns
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec, SpecError
-from iat_torchrec.distributed.sharding import (DistEnv, ShardingConfig, all_equal_batches,
-                                               copy_full_state, shard_model)
+from iat_torchrec.distributed.collectives import (DistEnv, all_equal_batches, barrier,
+                                                  broadcast_object, init_process_group)
+from iat_torchrec.distributed.sharding import ShardingConfig, copy_full_state, shard_model
 from iat_torchrec.tokens.store import TokenStore
-from iat_torchrec.train.loop import padded
+from iat_torchrec.train.loop import TrainConfig, padded
 
 KEYS = ("instance_id", "user_id", "ts")
 
 
 @dataclasses.dataclass
-class StageIOConfig:
-    """Inputs and outputs of a stage that trains on the training window and exports tokens."""
+class TrainingStageConfig:
+    """What every training stage has: the training window's logs, the results file, the
+    training run and the sharding (a stage adds its inputs, outputs and ``model``)."""
 
     train_log: str = dataclasses.field(default="", metadata={
         "help": "instance log of the training window (required)"})
     valid_log: str = dataclasses.field(default="", metadata={
-        "help": "later instance log for validation after each epoch (optional)"})
+        "help": "later instance log, evaluated after each epoch (the downstream stage selects "
+                "its epoch on it)"})
+    results: str = dataclasses.field(default="", metadata={
+        "help": "JSON file for the run's metrics and timings (optional)"})
+    train: TrainConfig = nested(TrainConfig, "the training run")
+    sharding: ShardingConfig = nested(ShardingConfig, "devices, sharding plan and optimizers")
+
+
+@dataclasses.dataclass
+class StageIOConfig(TrainingStageConfig):
+    """Inputs and outputs of a stage that trains on the training window and exports tokens."""
+
     export_logs: List[str] = dataclasses.field(default_factory=list, metadata={
         "help": "logs whose instances go into the store (default: train + valid)"})
     store: str = dataclasses.field(default="", metadata={
         "help": "token store directory to write (must not exist unless --overwrite)"})
     overwrite: bool = dataclasses.field(default=False, metadata={
         "help": "replace an existing token store"})
-    results: str = dataclasses.field(default="", metadata={
-        "help": "JSON file for the run's metrics and timings (optional)"})
+
+    def check(self) -> None:
+        """Checks across settings, before any work (a stage adds its own)."""
 
 
-# Fields that do not shape training: a resume may change them.
-NOT_IN_FINGERPRINT = ("export_logs", "store", "overwrite", "results", "log_every", "epochs",
-                      "checkpoint_dir", "checkpoint_every")
+# Settings that do not shape training: a resume may change them.
+NOT_IN_FINGERPRINT = ("export_logs", "store", "overwrite", "results", "train.log_every",
+                      "train.epochs", "train.checkpoint_dir", "train.checkpoint_every")
 
 
 def write_results(path: str, config: Any, env: DistEnv, **results: Any) -> Dict[str, Any]:
     """The run's results with its config, written atomically to ``path`` (if given) by rank 0."""
-    out = {"config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+    out = {"config": to_dict(config),
            "world_size": env.world_size, **results}
     if env.is_main and path:
         with atomic_output(path, overwrite=True) as tmp:
@@ -71,9 +85,13 @@ def stage_log(env: DistEnv, stage: str, msg: str) -> None:
         print(f"[{stage}] {msg}", flush=True)
 
 
-def barrier(env: DistEnv) -> None:
-    if env.world_size > 1:
-        dist.barrier()
+def start_export_stage(cfg: StageIOConfig) -> Tuple[FeatureSpec, List[str], DistEnv]:
+    """Check the stage's config and inputs, then join the process group: the train log's spec,
+    the logs to export and this process's place."""
+    cfg.check()
+    spec, exports = check_inputs(cfg.train_log, cfg.valid_log, cfg.export_logs, cfg.store,
+                                 cfg.overwrite)
+    return spec, exports, init_process_group(cfg.sharding.device)
 
 
 def check_inputs(train_log: str, valid_log: str, export_logs: Sequence[str], store: str,
@@ -106,9 +124,9 @@ def stage_reader(path: str, spec: FeatureSpec, batch_size: int, env: DistEnv,
 
 def resume_fingerprint(config: Any, spec: FeatureSpec, train_log: str, env: DistEnv,
                        ignore: Sequence[str] = NOT_IN_FINGERPRINT) -> Dict[str, Any]:
-    """What a resume must match: the config less ``ignore`` (outputs, logging, epochs), the
-    spec, the training rows and the process count."""
-    keep = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignore}
+    """What a resume must match: the config's settings less ``ignore`` (dotted names: outputs,
+    logging, epochs), the spec, the training rows and the process count."""
+    keep = {k: v for k, v in to_flat(config).items() if k not in ignore}
     keys = read_key_columns(log_files(train_log))
     keep["train_rows"] = int(keys.ts.size)
     keep["train_ids_digest"] = int(np.bitwise_xor.reduce(keys.instance_id * 2654435761))
@@ -163,10 +181,8 @@ def write_token_store(store: str, parts: Sequence[Dict[str, np.ndarray]], *, kin
     """Each rank writes its rows as a part store; rank 0 merges the parts into ``store``
     (atomically: the store appears whole or not at all)."""
     target = Path(store)
-    box = [f".{target.name}.parts-{uuid.uuid4().hex[:8]}"]
-    if env.world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    part_root = target.parent / box[0]
+    part_root = target.parent / broadcast_object(f".{target.name}.parts-{uuid.uuid4().hex[:8]}",
+                                                 env)
     try:
         with TokenStore.create(part_root / f"rank{env.rank:05d}", kind=kind,
                                token_shape=token_shape, dtype=dtype,

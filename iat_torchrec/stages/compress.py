@@ -1,8 +1,8 @@
 """Stage 1a: train the IAT source model on the training window, then compress every instance of
 the given logs into a token store (instance_id -> d-dim token).
 
-One flat configuration (:class:`CompressConfig`: the source model's sizes, the training run, the
-sharding) whose field names are the command-line flags of ``apps/compress.py`` and the arguments
+One configuration (:class:`CompressConfig`: inputs and outputs, the source model, the training
+run, the sharding) whose dotted settings are the flags of ``apps/compress.py`` and the arguments
 of the ``compress`` TorchX component.
 """
 
@@ -15,21 +15,21 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from iat_torchrec.config import nested
 from iat_torchrec.data.reader import InstanceLogReader, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec
-from iat_torchrec.distributed.sharding import (DistEnv, ShardingConfig, init_process_group,
-                                               sum_over_ranks)
+from iat_torchrec.distributed.collectives import DistEnv, sum_over_ranks
 from iat_torchrec.models.source import Scheme, SourceModelConfig, SourceModelTrain
 from iat_torchrec.stages.common import NOT_IN_FINGERPRINT as COMMON_NOT_IN_FINGERPRINT
-from iat_torchrec.stages.common import (StageIOConfig, build_sharded, check_inputs,
+from iat_torchrec.stages.common import (StageIOConfig, build_sharded, start_export_stage,
                                         export_rows, resume_fingerprint, stage_log,
                                         stage_reader, training_window, write_results,
                                         write_token_store)
-from iat_torchrec.train.loop import TrainConfig, Trainer, evaluate
+from iat_torchrec.train.loop import Trainer, evaluate
 
 
 @dataclasses.dataclass
-class CompressConfig(SourceModelConfig, TrainConfig, ShardingConfig, StageIOConfig):
+class CompressConfig(StageIOConfig):
     """Train the IAT source model and export instance tokens."""
 
     scheme: Scheme = dataclasses.field(default=Scheme.USER, metadata={
@@ -39,14 +39,13 @@ class CompressConfig(SourceModelConfig, TrainConfig, ShardingConfig, StageIOConf
         "help": "user scheme: alternate epochs forward and reverse in user order"})
     token_dtype: str = dataclasses.field(default="fp16", metadata={
         "help": "storage of the tokens: fp32, fp16 or int8 (row-wise scale and bias)"})
-    results: str = dataclasses.field(default="", metadata={
-        "help": "JSON file for the run's metrics and timings (optional)"})
+    model: SourceModelConfig = nested(SourceModelConfig, "the source model")
 
     def check(self) -> None:
         if self.two_pass and self.scheme != Scheme.USER:
             raise ValueError("--two_pass applies to the user scheme only")
-        if not self.bottleneck and self.scheme == Scheme.USER:
-            raise ValueError("--bottleneck false (the base model) runs with the temporal "
+        if not self.model.bottleneck and self.scheme == Scheme.USER:
+            raise ValueError("--model.bottleneck false (the base model) runs with the temporal "
                              "scheme only: the SIT reads bottleneck tokens")
 
 
@@ -57,10 +56,10 @@ NOT_IN_FINGERPRINT = (*COMMON_NOT_IN_FINGERPRINT, "token_dtype")
 def build_source_model(spec: FeatureSpec, cfg: CompressConfig, env: DistEnv):
     """The sharded source model and its optimizer (seed-determined initial weights)."""
     return build_sharded(
-        lambda tables: SourceModelTrain(spec, cfg, cfg.scheme,
+        lambda tables: SourceModelTrain(spec, cfg.model, cfg.scheme,
                                         device=env.device if tables is not None else None,
                                         table_device=tables),
-        cfg.seed, env, cfg, cfg.batch_size)
+        cfg.train.seed, env, cfg.sharding, cfg.train.batch_size)
 
 
 def compress_log(model, path: str, spec: FeatureSpec, cfg: CompressConfig,
@@ -68,15 +67,12 @@ def compress_log(model, path: str, spec: FeatureSpec, cfg: CompressConfig,
     """This rank's share of ``path``: key columns, first label and tokens z (fp32)."""
     source: SourceModelTrain = model.module
     return export_rows(model, lambda b: source.tokens(b.sparse_features, b.dense_features)
-                       .float(), path, spec, cfg.batch_size, env)
+                       .float(), path, spec, cfg.train.batch_size, env)
 
 
 def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
     """Train, validate, export; returns the results on rank 0."""
-    cfg.check()
-    spec, exports = check_inputs(cfg.train_log, cfg.valid_log, cfg.export_logs, cfg.store,
-                                 cfg.overwrite)
-    env = init_process_group(cfg.device)
+    spec, exports, env = start_export_stage(cfg)
     started = time.perf_counter()
     model, optimizer = build_source_model(spec, cfg, env)
     source: SourceModelTrain = model.module
@@ -84,9 +80,9 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
 
     def make_reader(epoch: int) -> InstanceLogReader:
         if cfg.scheme == Scheme.USER:
-            return stage_reader(cfg.train_log, spec, cfg.batch_size, env, ReadOrder.USER,
+            return stage_reader(cfg.train_log, spec, cfg.train.batch_size, env, ReadOrder.USER,
                                 reverse=cfg.two_pass and epoch % 2 == 1)
-        return stage_reader(cfg.train_log, spec, cfg.batch_size, env, ReadOrder.TEMPORAL)
+        return stage_reader(cfg.train_log, spec, cfg.train.batch_size, env, ReadOrder.TEMPORAL)
 
     history: List[Dict[str, Any]] = []
 
@@ -95,8 +91,8 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
             return
         saved = dict(cache.tokens)  # validation must not leak into the training context
         order = ReadOrder.USER if cfg.scheme == Scheme.USER else ReadOrder.TEMPORAL
-        metrics = evaluate(model, stage_reader(cfg.valid_log, spec, cfg.batch_size, env, order),
-                           env, list(spec.labels))
+        reader = stage_reader(cfg.valid_log, spec, cfg.train.batch_size, env, order)
+        metrics = evaluate(model, reader, env, list(spec.labels))
         cache.tokens = saved
         if metrics is not None:
             history.append({"epoch": epoch, **metrics})
@@ -104,7 +100,7 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
                 f"{label}: auc {m['auc']:.4f} gauc {m['gauc']:.4f} logloss {m['logloss']:.4f}"
                 for label, m in metrics.items()))
 
-    trainer = Trainer(model, optimizer, env, make_reader, cfg,
+    trainer = Trainer(model, optimizer, env, make_reader, cfg.train,
                       resume_fingerprint(cfg, spec, cfg.train_log, env, NOT_IN_FINGERPRINT),
                       rank_state=(lambda: {"cache": cache.state_dict()},
                                   lambda s: cache.load_state_dict(s["cache"])))
@@ -119,12 +115,11 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
     exported = sum_over_ranks(sum(len(p["instance_id"]) for p in parts.values()), env)
     export_seconds = time.perf_counter() - export_start
     metadata = {
-        "scheme": cfg.scheme.value, "bottleneck": cfg.bottleneck,
-        "model_config": {f.name: getattr(cfg, f.name)
-                         for f in dataclasses.fields(SourceModelConfig)},
+        "scheme": cfg.scheme.value, "bottleneck": cfg.model.bottleneck,
+        "model_config": dataclasses.asdict(cfg.model),
         "training_window": training_window(cfg.train_log),
         "exported_logs": [str(Path(p).resolve()) for p in exports],
-        "label_delay_s": spec.label_delay_s, "seed": cfg.seed, "two_pass": cfg.two_pass,
+        "label_delay_s": spec.label_delay_s, "seed": cfg.train.seed, "two_pass": cfg.two_pass,
     }
     dim = next(iter(parts.values()))["tokens"].shape[1]
     write_token_store(cfg.store, list(parts.values()), kind="iat", token_shape=(dim,),

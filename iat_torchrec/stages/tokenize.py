@@ -18,39 +18,42 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from iat_torchrec.config import nested
 from iat_torchrec.data.reader import InstanceLogReader, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec
-from iat_torchrec.distributed.sharding import (DistEnv, ShardingConfig, init_process_group,
-                                               sum_over_ranks)
+from iat_torchrec.distributed.collectives import DistEnv, sum_over_ranks
 from iat_torchrec.models.hgaq import (HGAQConfig, SampleTokenizer, SampleTokenizerTrain,
                                       tokenizer_embedding_bag_collection)
-from iat_torchrec.stages.common import (StageIOConfig, build_sharded, check_inputs,
+from iat_torchrec.stages.common import (StageIOConfig, build_sharded, start_export_stage,
                                         export_rows, resume_fingerprint, stage_log,
                                         stage_reader, training_window, write_results,
                                         write_token_store)
 from iat_torchrec.tokens.store import TokenStore
-from iat_torchrec.train.loop import TrainConfig, Trainer, evaluate
+from iat_torchrec.train.loop import Trainer, evaluate
 
 STAGE = "tokenize"
 
 
 @dataclasses.dataclass
-class TokenizeConfig(HGAQConfig, TrainConfig, ShardingConfig, StageIOConfig):
+class TokenizeConfig(StageIOConfig):
     """Train the HGAQ sample tokenizer and export its codes."""
 
+    model: HGAQConfig = nested(HGAQConfig, "the sample tokenizer")
+
     def check(self) -> None:
-        if self.codebook_size > 256:
-            raise ValueError(f"--codebook_size {self.codebook_size}: the token store keeps codes "
-                             "as uint8, so at most 256 codes per level")
+        if self.model.codebook_size > 256:
+            raise ValueError(f"--model.codebook_size {self.model.codebook_size}: the token store "
+                             "keeps codes as uint8, so at most 256 codes per level")
 
 
 def build_tokenizer(spec: FeatureSpec, cfg: TokenizeConfig, env: DistEnv):
     """The sharded tokenizer and its optimizer (seed-determined initial weights)."""
     def make(tables: Optional[torch.device]) -> SampleTokenizerTrain:
         device = env.device if tables is not None else None
-        ebc = tokenizer_embedding_bag_collection(spec, cfg.field_dim, device=tables or device)
-        return SampleTokenizerTrain(SampleTokenizer(spec, cfg, ebc, device=device))
-    return build_sharded(make, cfg.seed, env, cfg, cfg.batch_size)
+        ebc = tokenizer_embedding_bag_collection(spec, cfg.model.field_dim,
+                                                 device=tables or device)
+        return SampleTokenizerTrain(SampleTokenizer(spec, cfg.model, ebc, device=device))
+    return build_sharded(make, cfg.train.seed, env, cfg.sharding, cfg.train.batch_size)
 
 
 def encode_codebooks(codebooks: torch.Tensor) -> Dict[str, Any]:
@@ -71,20 +74,17 @@ def store_codebooks(store: TokenStore) -> torch.Tensor:
 
 def run_tokenize(cfg: TokenizeConfig) -> Optional[Dict[str, Any]]:
     """Train, validate, export; returns the results on rank 0."""
-    cfg.check()
-    spec, exports = check_inputs(cfg.train_log, cfg.valid_log, cfg.export_logs, cfg.store,
-                                 cfg.overwrite)
-    env = init_process_group(cfg.device)
+    spec, exports, env = start_export_stage(cfg)
     started = time.perf_counter()
     model, optimizer = build_tokenizer(spec, cfg, env)
     tokenizer: SampleTokenizer = model.module.model
     quantizer = tokenizer.quantizer
-    stage_log(env, STAGE, f"{tokenizer.num_tokens} sub-tokens x {cfg.levels} levels x "
-                          f"{cfg.codebook_size} codes, d0 {cfg.d0}")
+    stage_log(env, STAGE, f"{tokenizer.num_tokens} sub-tokens x {cfg.model.levels} levels x "
+                          f"{cfg.model.codebook_size} codes, d0 {cfg.model.d0}")
 
     def make_reader(epoch: int) -> InstanceLogReader:
-        return stage_reader(cfg.train_log, spec, cfg.batch_size, env, ReadOrder.SHUFFLED,
-                            seed=cfg.seed + epoch)
+        return stage_reader(cfg.train_log, spec, cfg.train.batch_size, env, ReadOrder.SHUFFLED,
+                            seed=cfg.train.seed + epoch)
 
     history: List[Dict[str, Any]] = []
 
@@ -92,7 +92,7 @@ def run_tokenize(cfg: TokenizeConfig) -> Optional[Dict[str, Any]]:
         if not cfg.valid_log:
             return
         quantizer.reset_usage()
-        metrics = evaluate(model, stage_reader(cfg.valid_log, spec, cfg.batch_size, env,
+        metrics = evaluate(model, stage_reader(cfg.valid_log, spec, cfg.train.batch_size, env,
                                                ReadOrder.TEMPORAL), env, list(spec.labels))
         usage = quantizer.usage().to_dict()
         if metrics is not None:
@@ -100,13 +100,14 @@ def run_tokenize(cfg: TokenizeConfig) -> Optional[Dict[str, Any]]:
             stage_log(env, STAGE, f"epoch {epoch} valid " + "  ".join(
                 f"{label}: auc {m['auc']:.4f} logloss {m['logloss']:.4f}"
                 for label, m in metrics.items()))
-            for level in range(cfg.levels):
+            for level in range(cfg.model.levels):
                 stage_log(env, STAGE, f"  level {level}: codes used "
                                       f"{usage['used_fraction'][level]:.1%}, perplexity "
-                                      f"{usage['perplexity'][level]:.1f} of {cfg.codebook_size}, "
+                                      f"{usage['perplexity'][level]:.1f} of "
+                                      f"{cfg.model.codebook_size}, "
                                       f"restarts {usage['restarts'][level]}")
 
-    trainer = Trainer(model, optimizer, env, make_reader, cfg,
+    trainer = Trainer(model, optimizer, env, make_reader, cfg.train,
                       resume_fingerprint(cfg, spec, cfg.train_log, env))
     train_start = time.perf_counter()
     steps = trainer.fit(after_epoch=validate)
@@ -115,21 +116,20 @@ def run_tokenize(cfg: TokenizeConfig) -> Optional[Dict[str, Any]]:
     export_start = time.perf_counter()
     parts = [export_rows(model, lambda b: tokenizer.tokenize(b.dense_features,
                                                              b.sparse_features),
-                         path, spec, cfg.batch_size, env) for path in exports]
+                         path, spec, cfg.train.batch_size, env) for path in exports]
     exported = sum_over_ranks(sum(len(p["instance_id"]) for p in parts), env)
     export_seconds = time.perf_counter() - export_start
     metadata = {
-        "tokenizer_config": {f.name: getattr(cfg, f.name)
-                             for f in dataclasses.fields(HGAQConfig)},
+        "tokenizer_config": dataclasses.asdict(cfg.model),
         "layout": [{"group": s.group.value, "index": s.index, "fields": list(s.fields)}
                    for s in tokenizer.layout],
         "codebooks": encode_codebooks(quantizer.codebooks),
         "training_window": training_window(cfg.train_log),
         "exported_logs": [str(Path(p).resolve()) for p in exports],
-        "label_delay_s": spec.label_delay_s, "seed": cfg.seed,
+        "label_delay_s": spec.label_delay_s, "seed": cfg.train.seed,
     }
     write_token_store(cfg.store, parts, kind="sif",
-                      token_shape=(tokenizer.num_tokens, cfg.levels), dtype="uint8",
+                      token_shape=(tokenizer.num_tokens, cfg.model.levels), dtype="uint8",
                       metadata=metadata, overwrite=cfg.overwrite, env=env, stage=STAGE)
     results = write_results(cfg.results, cfg, env, steps=steps, validation=history,
                             train_seconds=train_seconds, export_seconds=export_seconds,

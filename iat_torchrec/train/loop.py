@@ -24,7 +24,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from iat_torchrec.data.batch import InstanceBatch
 from iat_torchrec.distributed.checkpoint import (latest_checkpoint, load_checkpoint,
                                                  save_checkpoint)
-from iat_torchrec.distributed.sharding import DistEnv, all_equal_batches, gather_arrays
+from iat_torchrec.distributed.collectives import DistEnv, all_equal_batches, gather_arrays
 from iat_torchrec.train.metrics import ranking_metrics
 
 

@@ -1,8 +1,9 @@
-"""The evaluation stage: every downstream run's results gathered into the comparison table.
+"""Stage ``evaluate``: every downstream run's results gathered into the comparison table.
 
 Reads the index of runs the pipeline writes (``runs.json``: per dataset, each variant's results
 file per seed), and writes into ``out_dir``: ``results.md`` (one table per dataset: test AUC,
-GAUC and logloss as mean +- std over seeds, and the relative AUC / GAUC gain over DLRM+BST),
+GAUC and logloss as mean +- std over seeds, and the relative AUC / GAUC gain over the index's
+``baseline`` variant),
 ``results.csv`` (the same rows), ``results.png`` (test AUC per variant with its std as error
 bars, one panel per dataset) and ``summary.json`` (the tables and every run's metrics). A
 missing or unreadable results file is an error naming it.
@@ -22,7 +23,6 @@ import numpy as np
 from iat_torchrec.data.atomic import atomic_output
 from iat_torchrec.data.log import validate_log
 from iat_torchrec.data.spec import FeatureSpec
-from iat_torchrec.pipeline.plan import BASELINE
 
 METRICS = ("auc", "gauc", "logloss")
 
@@ -42,8 +42,9 @@ class ResultsError(ValueError):
 
 
 def load_runs(index: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """Per dataset ``{"name", "rows", "label", "runs": {variant: [{"seed", "valid", "test",
-    "best_epoch", "train_seconds"}]}}`` from the results files of the index."""
+    """Per dataset ``{"name", "rows", "label", "baseline", "runs": {variant: [{"seed", "valid",
+    "test", "best_epoch", "train_seconds"}]}}`` from the results files of the index (whose
+    ``baseline`` names the variant the gains are relative to)."""
     datasets: Dict[str, Dict[str, Any]] = {}
     for name, entry in index["datasets"].items():
         label = FeatureSpec.load(entry["train_log"]).labels[0]
@@ -65,12 +66,13 @@ def load_runs(index: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
                                       "best_epoch": saved.get("best_epoch"),
                                       "train_seconds": saved.get("train_seconds")})
         datasets[name] = {"name": name, "rows": validate_log(entry["log"]).rows,
-                          "label": label, "runs": runs}
+                          "label": label, "baseline": index.get("baseline"), "runs": runs}
     return datasets
 
 
 def summarize(dataset: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """One row per variant: mean / std over seeds of the test metrics, gains over DLRM+BST."""
+    """One row per variant: mean / std over seeds of the test metrics, gains over the
+    dataset's baseline variant."""
     rows = []
     stats = {}
     for variant, runs in dataset["runs"].items():
@@ -80,7 +82,7 @@ def summarize(dataset: Dict[str, Any]) -> List[Dict[str, Any]]:
             s[f"{m}_mean"], s[f"{m}_std"] = float(values.mean()), float(values.std())
         stats[variant] = s
         rows.append(s)
-    base = stats.get(BASELINE)
+    base = stats.get(dataset["baseline"])
     for s in rows:
         for m in ("auc", "gauc"):
             s[f"{m}_gain_pct"] = (100.0 * (s[f"{m}_mean"] - base[f"{m}_mean"]) / base[f"{m}_mean"]
@@ -90,9 +92,10 @@ def summarize(dataset: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def markdown(dataset: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     seeds = max((r["seeds"] for r in rows), default=0)
+    base = dataset["baseline"]
     lines = [f"### {dataset['name']} ({dataset['rows']:,} instances), test split, label "
              f"{dataset['label']}, {seeds} seeds (mean +- std)", "",
-             f"| variant | AUC | GAUC | logloss | AUC vs {BASELINE} | GAUC vs {BASELINE} |",
+             f"| variant | AUC | GAUC | logloss | AUC vs {base} | GAUC vs {base} |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['auc_mean']:.4f} +- {r['auc_std']:.4f} | "
@@ -116,7 +119,7 @@ def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
         t.write_text(buf.getvalue())
 
 
-def write_plot(path: Path, tables: Dict[str, List[Dict[str, Any]]]) -> None:
+def write_plot(path: Path, tables: Dict[str, List[Dict[str, Any]]], baseline: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,7 +129,7 @@ def write_plot(path: Path, tables: Dict[str, List[Dict[str, Any]]]) -> None:
         x = np.arange(len(rows))
         means = [r["auc_mean"] for r in rows]
         ax.bar(x, means, yerr=[r["auc_std"] for r in rows], capsize=4,
-               color=["tab:gray" if r["variant"] == BASELINE else "tab:blue" for r in rows])
+               color=["tab:gray" if r["variant"] == baseline else "tab:blue" for r in rows])
         ax.set_xticks(x)
         ax.set_xticklabels([r["variant"] for r in rows], rotation=35, ha="right", fontsize=8)
         lo = min(m - r["auc_std"] for m, r in zip(means, rows))
@@ -159,7 +162,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
     with atomic_output(out / "results.md", overwrite=True) as t:
         t.write_text(text + "\n")
     write_csv(out / "results.csv", [r for rows in tables.values() for r in rows])
-    write_plot(out / "results.png", tables)
+    write_plot(out / "results.png", tables, index.get("baseline"))
     summary = {"datasets": {n: {**datasets[n], "table": tables[n]} for n in datasets}}
     with atomic_output(out / "summary.json", overwrite=True) as t:
         t.write_text(json.dumps(summary, indent=2, default=str) + "\n")

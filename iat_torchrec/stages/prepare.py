@@ -1,4 +1,4 @@
-"""The data stage of the pipeline: make or import the instance log, validate it, split it in time.
+"""Stage ``prepare``: make or import the instance log, validate it, split it in time.
 
 ``--dataset synthetic`` (the built-in default) generates the documented synthetic log;
 ``--dataset movielens`` imports ml-latest-small (or ``--movielens_source``); any other value is
@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Dict
 
+from iat_torchrec.config import nested
 from iat_torchrec.data.log import LogSummary, read_provenance, validate_log
 from iat_torchrec.data.movielens import DEFAULT_SOURCE, import_movielens, resolve_source
 from iat_torchrec.data.splits import SPLIT_MANIFEST, SPLIT_NAMES, SplitMethod, split_log
@@ -31,17 +32,7 @@ class DataConfig:
         "help": "where prepared logs and their splits are written"})
     movielens_source: str = dataclasses.field(default=DEFAULT_SOURCE, metadata={
         "help": "MovieLens directory for --dataset movielens"})
-    num_users: int = dataclasses.field(default=SyntheticConfig.num_users,
-                                       metadata={"help": "synthetic: users"})
-    num_items: int = dataclasses.field(default=SyntheticConfig.num_items,
-                                       metadata={"help": "synthetic: items"})
-    num_instances: int = dataclasses.field(default=SyntheticConfig.num_instances,
-                                           metadata={"help": "synthetic: instances"})
-    num_sparse_fields: int = dataclasses.field(default=SyntheticConfig.num_sparse_fields,
-                                               metadata={"help": "synthetic: sparse fields"})
-    num_dense_fields: int = dataclasses.field(default=SyntheticConfig.num_dense_fields,
-                                              metadata={"help": "synthetic: dense fields"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "synthetic: seed"})
+    synthetic: SyntheticConfig = nested(SyntheticConfig, "the generator (--dataset synthetic)")
     split_method: str = dataclasses.field(default="auto", metadata={
         "help": "auto (per_user for movielens, time otherwise), per_user or time"})
     train_fraction: float = dataclasses.field(default=0.8, metadata={
@@ -83,15 +74,8 @@ def _digest(obj: object) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _synthetic_config(cfg: DataConfig) -> SyntheticConfig:
-    return SyntheticConfig(num_users=cfg.num_users, num_items=cfg.num_items,
-                           num_instances=cfg.num_instances,
-                           num_sparse_fields=cfg.num_sparse_fields,
-                           num_dense_fields=cfg.num_dense_fields, seed=cfg.seed)
-
-
 def _synthetic_provenance(cfg: DataConfig) -> dict:
-    return json.loads(json.dumps(provenance(_synthetic_config(cfg))))
+    return json.loads(json.dumps(provenance(cfg.synthetic)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +110,7 @@ def data_paths(cfg: DataConfig) -> DataPaths:
 
 
 def _synthetic_log(cfg: DataConfig, out: Path) -> Path:
-    config = _synthetic_config(cfg)
+    config = cfg.synthetic
     expected = _synthetic_provenance(cfg)
     if out.exists() and read_provenance(out) == expected:
         _log(f"reusing {out}")
