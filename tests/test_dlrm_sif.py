@@ -37,13 +37,7 @@ TOKEN_DIM, M, V, K = 8, 2, 8, 5
 LAYOUT = HistoryLayout(max_len=12, label_delay_s=60)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine is shared: one intra-op thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def small_config(source: str, interaction: str = "mixer", **kw) -> DLRMSIFConfig:
