@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
 import torch
-import torch.distributed as dist
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRM, DLRMTrain
@@ -30,7 +29,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec
-from iat_torchrec.distributed.collectives import init_process_group
+from iat_torchrec.distributed.collectives import barrier, broadcast_object, init_process_group
 from iat_torchrec.distributed.sharding import ShardingConfig, shard_model
 from iat_torchrec.models.source import Scheme, embedding_tables
 from iat_torchrec.stages.compress import CompressConfig, build_source_model, compress_log
@@ -73,14 +72,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     logging.getLogger().setLevel(logging.ERROR)
     cfg = parse_config(BenchSourceConfig, argv)
     env = init_process_group(cfg.device)
-    box = [tempfile.mkdtemp(dir=cfg.work_dir or None) if env.is_main else None]
-    if env.world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    log = Path(box[0]) / "log"
+    work = broadcast_object(tempfile.mkdtemp(dir=cfg.work_dir or None) if env.is_main else None,
+                            env)
+    log = Path(work) / "log"
     if env.is_main:
         criteo_shaped_log(cfg.num_instances, log)
-    if env.world_size > 1:
-        dist.barrier()
+    barrier(env)
     spec = FeatureSpec.load(log)
     sharding = ShardingConfig(device=cfg.device)
 

@@ -12,8 +12,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iat_torchrec.history import (LABEL_PAD, LABEL_UNKNOWN, HistoryBatch, HistoryLayout,
-                                  HistoryMaterializer, add_history_items, last_step_items,
-                                  last_steps, last_steps_index, materialize_history, steps_after)
+                                  HistoryMaterializer, add_history_items, last_range_steps,
+                                  last_step_items, last_steps, last_steps_index,
+                                  materialize_history, steps_after)
 from iat_torchrec.history import reference as ref
 
 SEEDS = range(5)
@@ -118,6 +119,21 @@ def test_last_steps_ops_match_reference(seed, left_aligned):
         assert_same(last_steps(history, k, gap_pad), ref.last_steps(history, k, gap_pad))
         assert torch.equal(last_step_items(step_items, mask, k),
                            ref.last_step_items(step_items, mask, k))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_last_range_steps_pick_the_steps_of_the_materialised_history(seed):
+    rng = np.random.default_rng(seed)
+    b, max_len = 40, 6
+    begin = rng.integers(0, 100, b)
+    length = rng.integers(0, 10, b)  # some longer than max_len: their newest max_len count
+    mask = torch.arange(max_len) < torch.from_numpy(np.minimum(length, max_len))[:, None]
+    first = begin + np.maximum(length - max_len, 0)  # the materialised history's first position
+    for k in (0, 1, 3, max_len, max_len + 3):
+        pos, valid = last_range_steps(begin, length, max_len, k)
+        index, want_valid = ref.last_steps_index(mask, k)
+        assert np.array_equal(valid, want_valid.numpy()), k
+        assert np.array_equal(pos[valid], (first[:, None] + index.numpy())[valid]), k
 
 
 @pytest.mark.parametrize("seed", SEEDS)

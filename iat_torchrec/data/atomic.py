@@ -6,6 +6,7 @@ that looks whole.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import shutil
@@ -54,15 +55,17 @@ def atomic_output(path: Union[str, os.PathLike], overwrite: bool = False) -> Ite
         os.replace(tmp, path)
 
 
-class CommitOnExit:
+class CommitOnExit(abc.ABC):
     """A writer that is its own context manager: :meth:`close` commits the output on a normal
     exit of the ``with`` block, :meth:`abort` drops it when the block raises."""
 
+    @abc.abstractmethod
     def close(self) -> object:
-        raise NotImplementedError
+        """Commit the output (rename it into place); returns what the writer made."""
 
+    @abc.abstractmethod
     def abort(self) -> None:
-        raise NotImplementedError
+        """Drop everything written so far; the output is left as it was."""
 
     def __enter__(self) -> Self:
         return self

@@ -146,6 +146,19 @@ def last_steps(history: HistoryBatch, k: int, gap_pad: int) -> HistoryBatch:
                         length=valid.sum(1))
 
 
+def last_range_steps(begin: np.ndarray, length: np.ndarray, max_len: int,
+                     k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`last_steps_index` for histories still held as time-index ranges (a shard's
+    ``(begin, length)``, cut to the newest ``max_len``): ``(positions [B, k], valid [B, k])``,
+    the time-index positions of the last ``k`` real steps, oldest first (position 0 and
+    ``valid`` False after them). A range is contiguous, so no mask is needed (NumPy, for the
+    reader's host side)."""
+    n = np.minimum(np.minimum(length, max_len), k)
+    j = np.arange(k)
+    valid = j[None, :] < n[:, None]
+    return np.where(valid, (begin + length - n)[:, None] + j[None, :], 0), valid
+
+
 def last_step_items(step_items: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
     """[B, k] int64: ``step_items`` [B, L] (an item id per step, anything at padding) at the
     last ``k`` real steps of each row, oldest first, -1 after them: the item-id history."""

@@ -22,12 +22,11 @@ Decisions:
 - The batch's own tensors, ``history_items`` and ``target_codes`` stay on the CPU (as the
   plain reader's: TorchRec's pipelines copy a batch to the device themselves); only the history
   is materialised on ``device``, where its time-index buffers live.
-- The item history is computed on the CPU straight from the shards' ``(begin, length)``: a
-  history is one contiguous range of time-index positions, so its last k real steps are the real
-  ones among the range's last k positions, and :func:`~iat_torchrec.history.last_step_items`
-  takes them from there. This is the op :meth:`DownstreamBatch.build` applies to the
-  materialised history, and the same steps as the model's
-  :func:`~iat_torchrec.history.last_steps` (label, gap, mask), without a device round trip.
+- The item history is computed on the CPU straight from the shards' ``(begin, length)``
+  (:func:`~iat_torchrec.history.last_range_steps`: a history is one contiguous range of
+  time-index positions), without a device round trip; a test checks that it picks the same
+  steps as :func:`~iat_torchrec.history.last_steps_index` on the materialised history, which
+  :meth:`DownstreamBatch.build` and the model's :func:`~iat_torchrec.history.last_steps` use.
 - A null item (a single-valued field may hold nulls: an empty bag) gives id -1: an empty
   bag at that step, like padding; the step's label and gap still count.
 - Labels: the spec always lists them (:class:`FeatureSpec` requires it); every label column of
@@ -51,7 +50,7 @@ from iat_torchrec.data.batch import InstanceBatch
 from iat_torchrec.data.log import InstanceLogError, log_files, open_parquet
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, hash_ids
 from iat_torchrec.data.spec import INSTANCE_ID, FeatureSpec, SparseField
-from iat_torchrec.history import DownstreamBatch, add_history_items, last_step_items
+from iat_torchrec.history import DownstreamBatch, add_history_items, last_range_steps
 from iat_torchrec.tokens.shards import HistoryShards, HistoryShardsError
 from iat_torchrec.tokens.store import TokenStore, TokenStoreError
 
@@ -292,12 +291,9 @@ class DownstreamReader:
         k = self.item_history_len
         if self._index_rows.size == 0:  # an empty store: every history is empty
             return torch.full((begin.size, k), -1, dtype=torch.int64)
-        # The range's last k positions; the real steps among them are its last min(length, L).
-        n = np.minimum(length, self.history.layout.max_len)
-        pos = (begin + length)[:, None] - k + np.arange(k)
-        real = pos >= (begin + length - n)[:, None]
-        step_items = self.row_items[self._index_rows[np.maximum(pos, 0)]]
-        return last_step_items(torch.from_numpy(step_items), torch.from_numpy(real), k)
+        pos, valid = last_range_steps(begin, length, self.history.layout.max_len, k)
+        items = np.where(valid, self.row_items[self._index_rows[pos]], -1)
+        return torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
 
 
 __all__: List[str] = ["DownstreamReader", "DownstreamDataError", "check_labels",
