@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from iat_torchrec.benchmark import pin_one_core
+from iat_torchrec.benchmark import best_in_turns, pin_one_core
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.batch import InstanceBatch
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig
@@ -219,21 +219,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_in_turns(runs: List[Callable[[], None]], repeats: int, device: torch.device,
-                  clock: Callable[[], float]) -> List[float]:
-    """Best seconds (by ``clock``) of each run; runs take turns so that load from other jobs on
-    a shared machine hits them alike."""
-    best = [float("inf")] * len(runs)
-    for _ in range(repeats):
-        for i, run in enumerate(runs):
-            _sync(device)
-            start = clock()
-            run()
-            _sync(device)
-            best[i] = min(best[i], clock() - start)
-    return best
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     logging.getLogger().setLevel(logging.ERROR)
     cfg = parse_config(BenchDownstreamConfig, argv)
@@ -258,7 +243,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                                                  cfg.store_rows, env.device))
                 _steps(pipeline, batches, cfg.warmup)()
                 runs.append(_steps(pipeline, batches, cfg.steps))
-            best = best_in_turns(runs, cfg.repeats, env.device, clock)
+            best = best_in_turns(runs, cfg.repeats, clock=clock,
+                                 sync=lambda: _sync(env.device))
     finally:
         dist.destroy_process_group()
     seconds = [s / cfg.steps for s in best]

@@ -25,12 +25,11 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from iat_torchrec.benchmark import pin_one_core
+from iat_torchrec.benchmark import best_in_turns, markdown_table, pin_one_core
 from iat_torchrec.config import parse_config
 from iat_torchrec.tokens.lookup import InstanceTokenLookup
 from iat_torchrec.tokens.store import TokenStore
 
-from bench_common import best_in_turns, markdown_table
 
 
 @dataclasses.dataclass

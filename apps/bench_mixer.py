@@ -29,7 +29,7 @@ from torch import nn
 from iat_torchrec.config import parse_config
 from iat_torchrec.models.mixer import MultiHeadAttention, SIFMixer, SIFMixerConfig
 
-from bench_common import best_time, markdown_table
+from iat_torchrec.benchmark import best_time, markdown_table
 
 
 @dataclasses.dataclass

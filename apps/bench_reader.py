@@ -24,13 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iat_torchrec.benchmark import pin_one_core
+from iat_torchrec.benchmark import best_time, criteo_shaped_log, pin_one_core, rate_table
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.log import log_files
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec
 
-from bench_common import best_time, criteo_shaped_log, rate_table
 
 
 @dataclasses.dataclass

@@ -35,7 +35,7 @@ from iat_torchrec.models.source import Scheme, embedding_tables
 from iat_torchrec.stages.compress import CompressConfig, build_source_model, compress_log
 from iat_torchrec.train.loop import TrainConfig
 
-from bench_common import criteo_shaped_log, rate_table
+from iat_torchrec.benchmark import criteo_shaped_log, rate_table
 
 
 @dataclasses.dataclass

@@ -40,7 +40,7 @@ from iat_torchrec.data.synthetic import (
     iter_tables,
 )
 
-from bench_common import best_time
+from iat_torchrec.benchmark import best_time
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -128,11 +128,6 @@ def _get(config: Any, dotted: str) -> Any:
     return config
 
 
-def get_setting(config: Any, dotted: str) -> Any:
-    """The value of the setting ``dotted`` (``model.mixer.num_blocks``) of ``config``."""
-    return _get(config, dotted)
-
-
 # --------------------------------------------------------------------------- values
 def _parse_bool(s: Union[str, bool]) -> bool:
     if isinstance(s, bool):
@@ -204,14 +199,19 @@ def from_flat(cls: Type[T], flat: Mapping[str, Any]) -> T:
     unknown = sorted(set(flat) - set(known))
     if unknown:
         raise ConfigError(f"unknown settings {unknown} for {cls.__name__}")
-    nested: Dict[str, Any] = {}
+    return _build(cls, _nest({name: coerce(known[name], v) for name, v in flat.items()}), "")
+
+
+def _nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (the inverse of :func:`flatten`)."""
+    out: Dict[str, Any] = {}
     for name, value in flat.items():
-        parts = name.split(".")
-        node = nested
-        for p in parts[:-1]:
+        *parents, last = name.split(".")
+        node = out
+        for p in parents:
             node = node.setdefault(p, {})
-        node[parts[-1]] = coerce(known[name], value)
-    return _build(cls, nested, "")
+        node[last] = value
+    return out
 
 
 def _build(cls: Type[T], values: Mapping[str, Any], prefix: str) -> T:
@@ -233,14 +233,7 @@ def _build(cls: Type[T], values: Mapping[str, Any], prefix: str) -> T:
 
 def to_dict(config: Any) -> Dict[str, Any]:
     """The nested JSON form of ``config`` (every setting)."""
-    out: Dict[str, Any] = {}
-    for name, value in to_flat(config).items():
-        parts = name.split(".")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
+    return _nest(to_flat(config))
 
 
 def flatten(nested: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -99,7 +99,6 @@ def stage_component(config_cls: Type[Any], script: str, name: str, distributed: 
         component.__module__ = check.__module__
         component.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             params, return_annotation=specs.AppDef, __validate_parameters__=False)
-        component.config_cls = config_cls  # type: ignore[attr-defined]
         return component
 
     return wrap

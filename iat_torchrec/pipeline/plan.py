@@ -157,18 +157,25 @@ def pipeline_flag_exclusions() -> List[str]:
 @dataclasses.dataclass
 class Step:
     """One stage launch: ``component`` (a function of ``torchx_components/components.py``)
-    called with ``args`` (the stage config's settings by dotted name, and the resources); done
-    when every path of ``outputs`` exists. ``after`` names the steps whose outputs it reads
-    (their fingerprints enter its own); ``checkpoint_dir`` (if any) is where a killed run of it
-    resumes from; ``config`` is the stage's typed config (``None`` for tests' own steps)."""
+    called with :attr:`args`: the settings of ``config`` (the stage's typed config, or a plain
+    mapping of component arguments) by dotted name, and ``resources``; done when every path of
+    ``outputs`` exists. ``after`` names the steps whose outputs it reads (their fingerprints
+    enter its own); ``checkpoint_dir`` (if any) is where a killed run of it resumes from."""
 
     name: str
     component: str
-    args: Dict[str, Any]
+    config: Any
     outputs: List[str]
     after: List[str] = dataclasses.field(default_factory=list)
     checkpoint_dir: Optional[str] = None
-    config: Any = None
+    resources: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def args(self) -> Dict[str, Any]:
+        """The component's keyword arguments."""
+        settings = to_flat(self.config) if dataclasses.is_dataclass(self.config) \
+            else dict(self.config)
+        return {**settings, **self.resources}
 
 
 def slug(variant: str) -> str:
@@ -207,9 +214,9 @@ class _Planner:
             res["j"] = f"{c.nnodes}x{c.nproc if training else c.assemble_nproc}"
         if training:
             res["gpu"] = c.gpu
-        self.steps.append(Step(name=name, component=component, args={**to_flat(config), **res},
-                               outputs=outputs, after=list(after or []),
-                               checkpoint_dir=checkpoint_dir, config=config))
+        self.steps.append(Step(name=name, component=component, config=config, outputs=outputs,
+                               after=list(after or []), checkpoint_dir=checkpoint_dir,
+                               resources=res))
         return name
 
     def data(self, dataset: str) -> DataPaths:
