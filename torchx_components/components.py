@@ -24,42 +24,42 @@ from iat_torchrec.stages.train import TrainDownstreamConfig
 from torchx_components.stage import Resources, stage_component
 
 
-@stage_component(DataConfig, "apps/prepare_data.py", "iat-prepare-data", distributed=False,
-                 resources=Resources(memMB=4096))
+@stage_component(DataConfig, "apps/prepare_data.py", "iat-prepare-data",
+                 Resources(j=None, gpu=None, memMB=4096))
 def prepare_data(config: DataConfig) -> specs.AppDef:
     """Make or import an instance log, validate it and split it in time
     (apps/prepare_data.py)."""
 
 
-@stage_component(CompressConfig, "apps/compress.py", "iat-compress", distributed=True)
+@stage_component(CompressConfig, "apps/compress.py", "iat-compress")
 def compress(config: CompressConfig) -> specs.AppDef:
     """Train the IAT source model on N processes and export instance tokens (apps/compress.py)."""
     config.check()
 
 
-@stage_component(TokenizeConfig, "apps/tokenize_samples.py", "iat-tokenize", distributed=True)
+@stage_component(TokenizeConfig, "apps/tokenize_samples.py", "iat-tokenize")
 def tokenize(config: TokenizeConfig) -> specs.AppDef:
     """Train the HGAQ sample tokenizer on N processes, export its codes
     (apps/tokenize_samples.py)."""
     config.check()
 
 
-@stage_component(AssembleConfig, "apps/assemble.py", "iat-assemble", distributed=True,
-                 resources=Resources(j="1x1", gpu=None, memMB=4096))
+@stage_component(AssembleConfig, "apps/assemble.py", "iat-assemble",
+                 Resources(j="1x1", gpu=None, memMB=4096))
 def assemble(config: AssembleConfig) -> specs.AppDef:
     """Sequence assembly: history offsets of every sample of a target log (apps/assemble.py).
     With j = 1xN the samples are partitioned by user over N processes (torchrun); rank 0
     publishes the shards once every part is complete."""
 
 
-@stage_component(TrainDownstreamConfig, "apps/train.py", "iat-train", distributed=True)
+@stage_component(TrainDownstreamConfig, "apps/train.py", "iat-train")
 def train(config: TrainDownstreamConfig) -> specs.AppDef:
     """Train the downstream model (DLRM_SIF) on N processes, validate each epoch, test
     (apps/train.py). The model's settings are checked when its config is built."""
 
 
-@stage_component(EvaluateConfig, "apps/evaluate.py", "iat-evaluate", distributed=False,
-                 resources=Resources(cpu=1, memMB=2048))
+@stage_component(EvaluateConfig, "apps/evaluate.py", "iat-evaluate",
+                 Resources(j=None, cpu=1, gpu=None, memMB=2048))
 def evaluate(config: EvaluateConfig) -> specs.AppDef:
     """Gather the downstream runs into the comparison table, plot and summary
     (apps/evaluate.py)."""

@@ -21,24 +21,29 @@ from torchx.components.utils import python
 from iat_torchrec.config import Leaf, config_to_args, from_flat, leaves, plain
 
 
+def _resource(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class Resources:
-    """What a stage's processes get (the component arguments besides the stage's settings)."""
+    """What a stage's processes get: the component arguments besides the stage's settings, with
+    the component's defaults; ``None``: the component takes no such argument. A component with
+    ``j`` launches through torchrun (``dist.ddp``), one without it as one process."""
 
-    j: Optional[str] = "1x2"  # None: the component takes no such argument
-    cpu: int = 2
-    gpu: Optional[int] = 0
-    memMB: int = 8192
-    image: str = torchx.IMAGE
+    j: Optional[str] = _resource("1x2", "{nnodes}x{nproc_per_node}")
+    cpu: int = _resource(2, "CPUs per process")
+    gpu: Optional[int] = _resource(0, "GPUs per process (use 1 with --sharding.device cuda)")
+    memMB: int = _resource(8192, "memory per process in MB")
+    image: str = _resource(torchx.IMAGE, "image (local_cwd: the working directory)")
 
+    @property
+    def distributed(self) -> bool:
+        return self.j is not None
 
-RESOURCE_HELP = {
-    "j": "{nnodes}x{nproc_per_node}",
-    "cpu": "CPUs per process",
-    "gpu": "GPUs per process (use 1 with --sharding.device cuda)",
-    "memMB": "memory per process in MB",
-    "image": "image (local_cwd: the working directory)",
-}
+    def offered(self) -> List[dataclasses.Field]:
+        """The resource arguments this component takes."""
+        return [f for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
 
 
 def _annotation(leaf: Leaf) -> Any:
@@ -57,43 +62,40 @@ def _parameter(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return param
 
 
-def component_parameters(config_cls: Type[Any], resources: Resources,
-                         distributed: bool) -> List[inspect.Parameter]:
+def component_parameters(config_cls: Type[Any],
+                         resources: Resources) -> List[inspect.Parameter]:
     """The component's parameters: every setting of ``config_cls``, then the resources."""
     params = [_parameter(leaf.name, _annotation(leaf),
                          inspect.Parameter.empty if leaf.required else plain(leaf.default))
               for leaf in leaves(config_cls)]
-    for f in dataclasses.fields(Resources):
-        value = getattr(resources, f.name)
-        if value is not None and (distributed or f.name not in ("j", "gpu")):
-            params.append(_parameter(f.name, type(value), value))
-    return params
+    return params + [_parameter(f.name, type(getattr(resources, f.name)),
+                                getattr(resources, f.name)) for f in resources.offered()]
 
 
-def stage_component(config_cls: Type[Any], script: str, name: str, distributed: bool,
+def stage_component(config_cls: Type[Any], script: str, name: str,
                     resources: Resources = Resources()) -> Callable[[Callable[..., Any]],
                                                                     Callable[..., specs.AppDef]]:
     """Decorate ``def <stage>(config) -> specs.AppDef``: its docstring's first paragraph
     describes the component, its body checks the built config (and may raise)."""
 
     def wrap(check: Callable[..., Any]) -> Callable[..., specs.AppDef]:
-        params = component_parameters(config_cls, resources, distributed)
-        resource_names = [p.name for p in params[len(leaves(config_cls)):]]
+        params = component_parameters(config_cls, resources)
+        offered = resources.offered()
 
         def component(**kwargs: Any) -> specs.AppDef:
-            res: Dict[str, Any] = {k: kwargs.pop(k, getattr(resources, k))
-                                   for k in resource_names}
+            res: Dict[str, Any] = {f.name: kwargs.pop(f.name, getattr(resources, f.name))
+                                   for f in offered}
             config = from_flat(config_cls, kwargs)
             check(config)
             args = config_to_args(config)
-            if distributed:
+            if resources.distributed:
                 return ddp(*args, script=script, name=name, **res)
             return python(*args, script=script, name=name, **res)
 
         summary = inspect.getdoc(check) or name
         lines = [summary, "", "Args:"]
         lines += [f"    {leaf.name}: {leaf.help or leaf.name}" for leaf in leaves(config_cls)]
-        lines += [f"    {n}: {RESOURCE_HELP[n]}" for n in resource_names]
+        lines += [f"    {f.name}: {f.metadata['help']}" for f in offered]
         component.__doc__ = "\n".join(lines)
         component.__name__ = component.__qualname__ = check.__name__
         component.__module__ = check.__module__
