@@ -109,8 +109,8 @@ class TrainInputs:
     shards: Dict[str, Optional[HistoryShards]]
     codebooks: Optional[torch.Tensor]
     item_logs: List[str]
-    gap_vocab_size: int = DEFAULT_GAP_VOCAB
-    fields_per_subtoken: int = DEFAULT_FIELDS_PER_SUBTOKEN
+    gap_vocab_size: int
+    fields_per_subtoken: int
 
 
 def _open_store(path: str, kind: str, flag: str) -> TokenStore:
