@@ -4,6 +4,7 @@ to end on a tiny synthetic log, including a run killed during a stage and re-run
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -141,6 +142,79 @@ def test_runner_skips_done_steps_remakes_changed_ones_and_stops_at_a_failure(tmp
     assert runner.record(steps[1])["state"] == "done"  # untouched: c failed first
 
 
+@dataclasses.dataclass
+class _TouchConfig:
+    """A stage config of the fake stage below."""
+
+    path: str = ""
+    fail: bool = False
+
+
+# A stage app running a task file of _TouchConfig tasks (iat_torchrec.stages.tasks).
+_TOUCH_TASKS = """
+import dataclasses, pathlib, sys
+from iat_torchrec.stages.tasks import run_tasks
+
+@dataclasses.dataclass
+class C:
+    path: str = ""
+    fail: bool = False
+
+def run(c):
+    print("making", pathlib.Path(c.path).name, flush=True)
+    if c.fail:
+        sys.exit("it broke: exit 3")
+    pathlib.Path(c.path).write_text("x")
+
+run_tasks(C, run, sys.argv[1])
+"""
+
+
+def _touch_tasks(tasks: str = "") -> specs.AppDef:
+    app = _python_job(_TOUCH_TASKS)
+    app.roles[0].args.append(tasks)
+    return app
+
+
+def test_ready_steps_of_one_kind_run_in_one_launch_with_their_own_records(tmp_path):
+    work = tmp_path / "run" / "work"
+    work.mkdir(parents=True)
+    a, b, c, d = (str(work / n) for n in "abcd")
+    steps = [Step("a", "touch", _TouchConfig(a), [a]), Step("b", "touch", _TouchConfig(b), [b]),
+             Step("c", "single", {"path": c}, [c]),
+             Step("d", "touch", _TouchConfig(d), [d], after=["a"])]
+    lines: List[str] = []
+    runner = PipelineRunner(str(tmp_path / "run"), {"touch": _touch_tasks, "single": _touch},
+                            log=lines.append)
+    assert [[s.name for s in g] for g in runner.launch_groups(steps)] == [
+        ["a", "b"], ["c"], ["d"]]
+    ungrouped = PipelineRunner(str(tmp_path / "run"), {"touch": _touch_tasks}, log=print,
+                               group_launches=False)
+    assert [len(g) for g in ungrouped.launch_groups(steps)] == [1, 1, 1, 1]
+    assert set(runner.run(steps)) == {"a", "b", "c", "d"}
+    assert all(Path(p).read_text() == "x" for p in (a, b, c, d))
+    logs = tmp_path / "run" / "logs"
+    assert "making b" in (logs / "b.log").read_text()
+    assert "making a" not in (logs / "b.log").read_text()  # each step's part of the log
+    assert "making a" in (logs / "launch__a.log").read_text()
+    for step in steps[:2]:
+        rec = runner.record(step)
+        assert rec["state"] == "done" and rec["seconds"] >= 0 and rec["launch"] == "a"
+    assert sum(line.startswith("run    a (1/4) in one launch of 2") for line in lines) == 1
+    # A task that fails stops its launch: the tasks before it stay done, it is named.
+    os.remove(a)
+    os.remove(b)
+    steps[1] = Step("b", "touch", _TouchConfig(b, fail=True), [b])
+    with pytest.raises(StageFailed, match="(?s)stage b FAILED.*it broke: exit 3") as e:
+        runner.run(steps)
+    assert e.value.log == logs / "b.log"
+    assert runner.record(steps[0])["state"] == "done" and Path(a).exists()
+    assert runner.record(steps[1])["state"] == "running"
+    # Mended: only b runs again (a and d were kept).
+    steps[1] = Step("b", "touch", _TouchConfig(b), [b])
+    assert set(runner.run(steps)) == {"b"}
+
+
 # ---------------------------------------------------------------------------- evaluation
 def test_evaluate_names_a_missing_or_broken_results_file(tmp_path):
     log = write_log(pa.table(tiny_columns()), tmp_path / "log", tiny_spec())
@@ -241,19 +315,25 @@ def test_killed_during_a_stage_a_rerun_finishes_with_the_same_results(e2e, tmp_p
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     record = run / "steps" / "synthetic__seed0__train_IAT_user-order.json"
+
+    def state() -> str:
+        try:
+            return json.loads(record.read_text())["state"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return ""
+
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if record.is_file() and json.loads(record.read_text())["state"] == "running":
-            break
-        time.sleep(0.2)
+    while time.time() < deadline and proc.poll() is None and state() != "running":
+        time.sleep(0.02)
     assert proc.poll() is None, "the pipeline ended before the stage to kill it in"
-    time.sleep(2.0)  # well inside the stage
+    time.sleep(0.05)  # inside the stage: its task has started in its launch
     for pid in _descendants(proc.pid):  # the driver and every stage process: a power cut
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
+    assert state() == "running", "the stage ended before it was killed"
     assert not (run / "summary.json").exists()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -5,7 +5,9 @@ TorchX component whose arguments are the config's settings under their dotted na
 (``--model.token_dim 64``), with their defaults and help texts, plus the resources (``image``,
 ``cpu``, ``memMB``, and for distributed stages ``j`` and ``gpu``). Nothing is declared twice:
 the component reads the dataclass. Calling it builds the config (checked by the decorated
-function) and returns the ``AppDef`` that runs the app with the same flags.
+function) and returns the ``AppDef`` that runs the app with the same flags. With ``tasks`` (a
+task file, :mod:`iat_torchrec.stages.tasks`) it checks every config of the file instead and the
+app runs them all in one launch.
 """
 
 import dataclasses
@@ -18,7 +20,11 @@ import torchx.specs as specs
 from torchx.components.dist import ddp
 from torchx.components.utils import python
 
-from iat_torchrec.config import Leaf, config_to_args, from_flat, leaves, plain
+from iat_torchrec.config import ConfigError, Leaf, config_to_args, from_flat, leaves, plain
+from iat_torchrec.stages.tasks import task_configs
+
+TASKS_HELP = ("a task file (iat_torchrec.stages.tasks): run each of its configs in this one "
+              "launch instead of the one the other settings make")
 
 
 def _resource(default: Any, help: str) -> Any:
@@ -64,10 +70,12 @@ def _parameter(name: str, annotation: Any, default: Any) -> inspect.Parameter:
 
 def component_parameters(config_cls: Type[Any],
                          resources: Resources) -> List[inspect.Parameter]:
-    """The component's parameters: every setting of ``config_cls``, then the resources."""
+    """The component's parameters: every setting of ``config_cls``, ``tasks``, then the
+    resources."""
     params = [_parameter(leaf.name, _annotation(leaf),
                          inspect.Parameter.empty if leaf.required else plain(leaf.default))
               for leaf in leaves(config_cls)]
+    params.append(_parameter("tasks", str, ""))
     return params + [_parameter(f.name, type(getattr(resources, f.name)),
                                 getattr(resources, f.name)) for f in resources.offered()]
 
@@ -81,13 +89,23 @@ def stage_component(config_cls: Type[Any], script: str, name: str,
     def wrap(check: Callable[..., Any]) -> Callable[..., specs.AppDef]:
         params = component_parameters(config_cls, resources)
         offered = resources.offered()
+        defaults = {p.name: p.default for p in params}
 
         def component(**kwargs: Any) -> specs.AppDef:
             res: Dict[str, Any] = {f.name: kwargs.pop(f.name, getattr(resources, f.name))
                                    for f in offered}
-            config = from_flat(config_cls, kwargs)
-            check(config)
-            args = config_to_args(config)
+            tasks = kwargs.pop("tasks", "")
+            if tasks:
+                given = sorted(k for k, v in kwargs.items() if v != defaults.get(k))
+                if given:
+                    raise ConfigError(f"tasks={tasks} replaces the settings; got {given} too")
+                for config in task_configs(config_cls, tasks):
+                    check(config)
+                args = ["--tasks", tasks]
+            else:
+                config = from_flat(config_cls, kwargs)
+                check(config)
+                args = config_to_args(config)
             if resources.distributed:
                 return ddp(*args, script=script, name=name, **res)
             return python(*args, script=script, name=name, **res)
@@ -95,6 +113,7 @@ def stage_component(config_cls: Type[Any], script: str, name: str,
         summary = inspect.getdoc(check) or name
         lines = [summary, "", "Args:"]
         lines += [f"    {leaf.name}: {leaf.help or leaf.name}" for leaf in leaves(config_cls)]
+        lines.append(f"    tasks: {TASKS_HELP}")
         lines += [f"    {f.name}: {f.metadata['help']}" for f in offered]
         component.__doc__ = "\n".join(lines)
         component.__name__ = component.__qualname__ = check.__name__

@@ -116,6 +116,9 @@ class PipelineConfig:
     gpu: int = dataclasses.field(default=0, metadata={
         "help": "GPUs per process of the training stages (> 0: they run on cuda)"})
     memMB: int = dataclasses.field(default=4096, metadata={"help": "memory per process, MB"})
+    group_launches: bool = dataclasses.field(default=True, metadata={
+        "help": "launch the ready stages of one kind together (one TorchX job running a task "
+                "file: start-up paid once); false: one job per stage"})
     # ------------------------------------------------------------------ the stages
     data: DataConfig = nested(DataConfig, "the data stage (every dataset)")
     compress: CompressConfig = nested(CompressConfig, "the IAT source models (both orders)")

@@ -10,8 +10,16 @@ change what it makes aside) and the fingerprints of the steps it reads from. Aft
 succeeds, ``<run_dir>/steps/<step>.json`` records that fingerprint. On a re-run a step is skipped
 when that record says *done* with the same fingerprint and every output exists; otherwise its
 outputs are removed and it runs again, so anything downstream of a changed step is re-made too.
-A step that was interrupted (its record says *running* with the same fingerprint) keeps its
-checkpoint folder and resumes from it; one whose fingerprint changed starts afresh.
+A step that was interrupted (its record says *running* or *queued* with the same fingerprint)
+keeps its checkpoint folder and resumes from it; one whose fingerprint changed starts afresh.
+
+**One launch, many steps.** Starting a stage process costs seconds, so steps of one component
+and the same resources whose inputs are all made are launched together (``group_launches``):
+their configs go into one task file (:mod:`iat_torchrec.stages.tasks`, under
+``<run_dir>/launches/``) that the stage app runs in order in one launch, the app itself
+recording each step as running and then done. A launch killed half-way thus leaves its finished
+steps done and the one in progress resumable. The launch's combined log is
+``logs/launch__<first step>.log``, and each step's part of it ``logs/<step>.log``.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -26,11 +35,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
-from iat_torchrec.config import save_config
+from iat_torchrec.config import save_config, to_dict
 from iat_torchrec.data.atomic import atomic_output
 from iat_torchrec.pipeline.plan import RUNS_INDEX, PipelineConfig, Step, build_plan, runs_index
+from iat_torchrec.stages.tasks import TASK_MARK, Task, write_tasks
 from torchx_components import components
 
 # Arguments that do not change what a step makes.
@@ -78,12 +88,15 @@ class PipelineRunner:
     their records and logs under ``run_dir``. ``components`` maps a step's component name to
     the function that makes its AppDef; ``owned`` is the folder whose contents the runner may
     delete to re-make a step (outputs elsewhere, e.g. shared prepared data, are never
-    removed: their stage reuses or re-makes them itself)."""
+    removed: their stage reuses or re-makes them itself); ``group_launches``: launch the ready
+    steps of one component together where the component takes a task file."""
 
     def __init__(self, run_dir: str, components: Mapping[str, Callable[..., Any]],
                  scheduler: str = "local_cwd", scheduler_cfg: Optional[Dict[str, Any]] = None,
-                 owned: Optional[str] = None, log: Callable[[str], None] = print) -> None:
+                 owned: Optional[str] = None, log: Callable[[str], None] = print,
+                 group_launches: bool = True) -> None:
         self.run_dir = Path(run_dir)
+        self.group_launches = group_launches
         self.components = components
         self.scheduler = scheduler
         self.scheduler_cfg = dict(scheduler_cfg or {})
@@ -91,6 +104,7 @@ class PipelineRunner:
         self.log = log
         self.records = self.run_dir / "steps"
         self.logs = self.run_dir / "logs"
+        self.launches = self.run_dir / "launches"
         if scheduler in LOCAL_SCHEDULERS:
             self.scheduler_cfg.setdefault("log_dir", str(self.logs / "torchx"))
 
@@ -156,12 +170,101 @@ class PipelineRunner:
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             with get_runner() as runner:
-                for i, step in enumerate(todo, 1):
-                    seconds[step.name] = self._run_one(runner, step, prints[step.name],
-                                                       f"{i}/{len(todo)}")
+                done = 0
+                for group in self.launch_groups(todo):
+                    if not (self.group_launches and self._takes_tasks(group[0].component)):
+                        seconds[group[0].name] = self._run_one(
+                            runner, group[0], prints[group[0].name], f"{done + 1}/{len(todo)}")
+                    else:
+                        seconds.update(self._run_group(runner, group, prints, done, len(todo)))
+                    done += len(group)
         finally:
             signal.signal(signal.SIGTERM, previous)
         return seconds
+
+    def _takes_tasks(self, component: str) -> bool:
+        return "tasks" in inspect.signature(self.components[component]).parameters
+
+    def launch_groups(self, todo: List[Step]) -> Iterator[List[Step]]:
+        """``todo`` as launches, in an order that respects inputs: the first step whose inputs
+        are all made, with (``group_launches``, a component taking a task file) every other
+        such step of its component and resources."""
+        pending = list(todo)
+        while pending:
+            waiting = {s.name for s in pending}
+            ready = [s for s in pending if not waiting.intersection(s.after)]
+            first = ready[0]
+            group = [first]
+            if self.group_launches and self._takes_tasks(first.component):
+                group = [s for s in ready if s.component == first.component
+                         and s.resources == first.resources]
+            pending = [s for s in pending if s not in group]
+            yield group
+
+    def _run_group(self, runner: Any, group: List[Step], prints: Dict[str, str], done: int,
+                   total: int) -> Dict[str, float]:
+        """Launch ``group`` as one job over a task file; returns each step's seconds."""
+        from torchx.specs import AppState
+
+        first = group[0]
+        name = _file_name(first.name)
+        tasks = []
+        for step in group:
+            self._clear(step, prints[step.name])
+            self._write_record(step, state="queued", fingerprint=prints[step.name],
+                               launch=name)
+            tasks.append(Task(name=step.name, config=to_dict(step.config),
+                              record=str(self._record_path(step)),
+                              fields={"fingerprint": prints[step.name], "launch": name,
+                                      "log": str(self._step_log(step))}))
+        task_file = self.launches / f"{name}.json"
+        write_tasks(task_file, tasks)
+        app = self.components[first.component](tasks=str(task_file), **first.resources)
+        started = time.perf_counter()
+        handle = runner.run(app, scheduler=self.scheduler, cfg=self.scheduler_cfg)
+        for i, step in enumerate(group, done + 1):
+            self.log(f"run    {step.name} ({i}/{total}) in one launch of {len(group)} as "
+                     f"{handle}")
+        status = runner.wait(handle, wait_interval=0.5)
+        elapsed = time.perf_counter() - started
+        log_path = self._save_log(runner, handle, app.roles[0].name, f"launch__{name}")
+        if log_path is not None:
+            self._split_log(log_path, group)
+        state = status.state if status is not None else AppState.UNKNOWN
+        unfinished = [s for s in group if not self.is_done(s, prints[s.name])]
+        if state != AppState.SUCCEEDED or unfinished:
+            failed = unfinished[0] if unfinished else first
+            self.log(f"FAILED {failed.name} after {elapsed:.0f} s in a launch of {len(group)} "
+                     f"({state.name})")
+            own_log = self._step_log(failed) if log_path is not None else None
+            tail = ""
+            if own_log is not None and own_log.exists():
+                tail = "\n".join(own_log.read_text(errors="replace").splitlines()[-TAIL_LINES:])
+            what = state.name if state != AppState.SUCCEEDED else "SUCCEEDED without its outputs"
+            raise StageFailed(failed.name, what, own_log, tail)
+        seconds = {}
+        for step in group:
+            seconds[step.name] = float(self.record(step)["seconds"])
+            self.log(f"done   {step.name} in {seconds[step.name]:.1f} s")
+        self.log(f"launch of {len(group)} {first.component} steps took {elapsed:.1f} s")
+        return seconds
+
+    def _step_log(self, step: Step) -> Path:
+        return self.logs / f"{_file_name(step.name)}.log"
+
+    def _split_log(self, log_path: Path, group: List[Step]) -> None:
+        """Each step's part of a launch's log (from its task's first line to the next's)."""
+        lines = log_path.read_text(errors="replace").splitlines(keepends=True)
+        starts = []
+        for i, step in enumerate(group, 1):
+            mark = f"{TASK_MARK} {i}/{len(group)}: {step.name} ==="
+            starts.append(next((j for j, line in enumerate(lines) if mark in line), None))
+        for k, (step, begin) in enumerate(zip(group, starts)):
+            if begin is None:
+                continue
+            end = next((b for b in starts[k + 1:] if b is not None), len(lines))
+            with atomic_output(self._step_log(step), overwrite=True) as t:
+                t.write_text("".join(lines[begin:end]))
 
     def _run_one(self, runner: Any, step: Step, fingerprint: str, counter: str) -> float:
         from torchx.specs import AppState
@@ -175,7 +278,7 @@ class PipelineRunner:
         self.log(f"run    {step.name} ({counter}) as {handle}")
         status = runner.wait(handle, wait_interval=0.5)
         elapsed = time.perf_counter() - started
-        log_path = self._save_log(runner, handle, app.roles[0].name, step)
+        log_path = self._save_log(runner, handle, app.roles[0].name, _file_name(step.name))
         state = status.state if status is not None else AppState.UNKNOWN
         if state != AppState.SUCCEEDED:
             tail = ""
@@ -194,7 +297,7 @@ class PipelineRunner:
         self.log(f"done   {step.name} in {elapsed:.1f} s")
         return elapsed
 
-    def _save_log(self, runner: Any, handle: str, role: str, step: Step) -> Optional[Path]:
+    def _save_log(self, runner: Any, handle: str, role: str, name: str) -> Optional[Path]:
         if self.scheduler not in LOCAL_SCHEDULERS:
             return None  # the scheduler keeps the logs: torchx log <handle>
         from torchx.schedulers.api import Stream
@@ -204,7 +307,7 @@ class PipelineRunner:
         except Exception as e:  # noqa: BLE001 - a missing log must not hide the stage's state
             lines = [f"(no log: {e})"]
         self.logs.mkdir(parents=True, exist_ok=True)
-        path = self.logs / f"{_file_name(step.name)}.log"
+        path = self.logs / f"{name}.log"
         with atomic_output(path, overwrite=True) as t:
             t.write_text("".join(line if line.endswith("\n") else line + "\n"
                                  for line in lines))
@@ -247,7 +350,8 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> Dic
     options = dict(a.split("=", 1) for a in cfg.scheduler_args)
     runner = PipelineRunner(str(run_dir), {s.component: getattr(components, s.component)
                                            for s in steps},
-                            scheduler=cfg.scheduler, scheduler_cfg=options, log=log)
+                            scheduler=cfg.scheduler, scheduler_cfg=options, log=log,
+                            group_launches=cfg.group_launches)
     log(f"{len(steps)} stages on {cfg.scheduler} ({cfg.nnodes}x{cfg.nproc} processes per "
         f"training stage), run directory {run_dir}")
     runner.run(steps)

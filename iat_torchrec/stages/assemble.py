@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -25,12 +26,12 @@ from iat_torchrec.data.log import InstanceLogError, log_files, open_parquet
 from iat_torchrec.data.reader import hash_ids
 from iat_torchrec.data.spec import INSTANCE_ID, KEY_COLUMNS, TS, USER_ID, FeatureSpec, SpecError
 from iat_torchrec.distributed.collectives import (DistEnv, all_gather_object, barrier,
-                                                  broadcast_object)
+                                                  broadcast_object, init_process_group)
 from iat_torchrec.history import DEFAULT_GAP_BOUNDARIES_S, HistoryLayout
 from iat_torchrec.tokens.npyfile import file_crc32
 from iat_torchrec.tokens.shards import (BEGIN, LENGTH, SHARD_SCHEMA, SHARDS_FORMAT,
                                         SHARDS_FORMAT_VERSION, SHARDS_MANIFEST,
-                                        HistoryShardsError)
+                                        HistoryShards, HistoryShardsError)
 from iat_torchrec.tokens.store import TokenStore
 
 
@@ -236,4 +237,24 @@ def assemble_history(config: AssembleConfig, env: Optional[DistEnv] = None) -> P
         (Path(tmp_name) / SHARDS_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         ctx.__exit__(None, None, None)
     barrier(env)
+    return out
+
+
+def run_assemble(config: AssembleConfig) -> Path:
+    """``apps/assemble.py``: join the job's process group (or a one-process group), assemble,
+    print a summary of the shards from rank 0; returns the output path."""
+    env = init_process_group("cpu")
+    start = time.perf_counter()
+    out = assemble_history(config, env)
+    if env.is_main:
+        m = HistoryShards.open(out, verify=False).manifest
+        n, seconds = m["num_samples"], time.perf_counter() - start
+        print(f"history shards  {out}\n"
+              f"  target log {m['target_log']}\n"
+              f"  store {m['store']['path']} (version {m['store']['version']})\n"
+              f"  samples {n:,}   with history {m['num_with_history'] / max(n, 1):.1%}   "
+              f"mean length {m['mean_length']:.1f} of {m['max_len']}   "
+              f"label delay {m['label_delay_s']} s\n"
+              f"  {len(m['parts'])} part(s) from {m['world_size']} process(es) in {seconds:.1f} s "
+              f"({n / max(seconds, 1e-9):,.0f} samples/s)", flush=True)
     return out

@@ -4,18 +4,30 @@ run_<stage>)``."""
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Callable, List, Optional, Type, TypeVar
 
-from iat_torchrec.config import parse_config
+from iat_torchrec.config import ConfigError, parse_config
+from iat_torchrec.stages.tasks import run_tasks
 
 C = TypeVar("C")
+TASKS_HELP = ("Or run several configs in this one launch: --tasks FILE, a task file "
+              "(iat_torchrec.stages.tasks) and no other flag.")
 
 
 def stage_main(config_cls: Type[C], run: Callable[[C], Any],
                argv: Optional[List[str]] = None) -> int:
-    """Parse ``argv`` into ``config_cls`` (dotted flags, ``--config FILE``, ``--help``), quiet
-    TorchRec's INFO logging, run the stage; returns the exit code."""
+    """Parse ``argv`` into ``config_cls`` (dotted flags, ``--config FILE``, ``--help``) or read
+    the task file of ``--tasks FILE``, quiet TorchRec's INFO logging, run the stage (once per
+    task); returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     logging.getLogger("torchrec").setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
-    run(parse_config(config_cls, argv))
+    if "--tasks" in argv:
+        if len(argv) != 2 or argv[0] != "--tasks":
+            raise ConfigError(f"--tasks FILE takes no other flag, got {argv}")
+        run_tasks(config_cls, run, argv[1])
+        return 0
+    description = f"{(config_cls.__doc__ or '').strip()} {TASKS_HELP}"
+    run(parse_config(config_cls, argv, description=description))
     return 0
