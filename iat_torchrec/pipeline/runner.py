@@ -163,6 +163,8 @@ class PipelineRunner:
         seconds: Dict[str, float] = {}
         if not todo:
             return seconds
+        self.launches_outside: List[float] = []
+        wall = time.perf_counter()
         # local_cwd runs torchrun / python from PATH: make them this environment's.
         bin_dir = str(Path(sys.executable).parent)
         if not os.environ.get("PATH", "").startswith(bin_dir + os.pathsep):
@@ -180,6 +182,11 @@ class PipelineRunner:
                     done += len(group)
         finally:
             signal.signal(signal.SIGTERM, previous)
+        if self.launches_outside:
+            wall = time.perf_counter() - wall
+            outside = sum(self.launches_outside)
+            self.log(f"{len(self.launches_outside)} launches in {wall:.0f} s; outside the "
+                     f"stages' own work (start-up): {outside:.0f} s, {outside / wall:.1%}")
         return seconds
 
     def _takes_tasks(self, component: str) -> bool:
@@ -246,7 +253,10 @@ class PipelineRunner:
         for step in group:
             seconds[step.name] = float(self.record(step)["seconds"])
             self.log(f"done   {step.name} in {seconds[step.name]:.1f} s")
-        self.log(f"launch of {len(group)} {first.component} steps took {elapsed:.1f} s")
+        outside = max(elapsed - sum(seconds.values()), 0.0)
+        self.launches_outside.append(outside)
+        self.log(f"launch of {len(group)} {first.component} steps took {elapsed:.1f} s, "
+                 f"{outside:.1f} s of it outside the stages (process start-up, imports)")
         return seconds
 
     def _step_log(self, step: Step) -> Path:

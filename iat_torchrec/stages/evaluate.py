@@ -2,8 +2,9 @@
 
 Reads the index of runs the pipeline writes (``runs.json``: per dataset, each variant's results
 file per seed), and writes into ``out_dir``: ``results.md`` (one table per dataset: test AUC,
-GAUC and logloss as mean +- std over seeds, and the relative AUC / GAUC gain over the index's
-``baseline`` variant),
+GAUC and logloss as mean +- std over seeds, the relative AUC / GAUC gain over the index's
+``baseline`` variant, and how each model was trained: optimizer steps, best epoch (mean over
+seeds) and training seconds),
 ``results.csv`` (the same rows), ``results.png`` (test AUC per variant with its std as error
 bars, one panel per dataset) and ``summary.json`` (the tables and every run's metrics). A
 missing or unreadable results file is an error naming it.
@@ -25,6 +26,7 @@ from iat_torchrec.data.log import validate_log
 from iat_torchrec.data.spec import FeatureSpec
 
 METRICS = ("auc", "gauc", "logloss")
+TRAINING = ("steps", "best_epoch", "train_seconds")  # per run, averaged over seeds
 
 
 @dataclasses.dataclass
@@ -43,7 +45,7 @@ class ResultsError(ValueError):
 
 def load_runs(index: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """Per dataset ``{"name", "rows", "label", "baseline", "runs": {variant: [{"seed", "valid",
-    "test", "best_epoch", "train_seconds"}]}}`` from the results files of the index (whose
+    "test", "best_epoch", "steps", "train_seconds"}]}}`` from the results files of the index (whose
     ``baseline`` names the variant the gains are relative to)."""
     datasets: Dict[str, Dict[str, Any]] = {}
     for name, entry in index["datasets"].items():
@@ -64,6 +66,7 @@ def load_runs(index: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
                                        f"metrics of label {label!r} ({e!r})") from None
                 runs[variant].append({"seed": run["seed"], "valid": valid, "test": test,
                                       "best_epoch": saved.get("best_epoch"),
+                                      "steps": saved.get("steps"),
                                       "train_seconds": saved.get("train_seconds")})
         datasets[name] = {"name": name, "rows": validate_log(entry["log"]).rows,
                           "label": label, "baseline": index.get("baseline"), "runs": runs}
@@ -80,6 +83,9 @@ def summarize(dataset: Dict[str, Any]) -> List[Dict[str, Any]]:
         for m in METRICS:
             values = np.array([r["test"][m] for r in runs], dtype=float)
             s[f"{m}_mean"], s[f"{m}_std"] = float(values.mean()), float(values.std())
+        for k in TRAINING:
+            values = [r[k] for r in runs if r.get(k) is not None]
+            s[k] = float(np.mean(values)) if values else float("nan")
         stats[variant] = s
         rows.append(s)
     base = stats.get(dataset["baseline"])
@@ -95,18 +101,20 @@ def markdown(dataset: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     base = dataset["baseline"]
     lines = [f"### {dataset['name']} ({dataset['rows']:,} instances), test split, label "
              f"{dataset['label']}, {seeds} seeds (mean +- std)", "",
-             f"| variant | AUC | GAUC | logloss | AUC vs {base} | GAUC vs {base} |",
-             "|---|---|---|---|---|---|"]
+             f"| variant | AUC | GAUC | logloss | AUC vs {base} | GAUC vs {base} | steps | "
+             "best epoch | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['auc_mean']:.4f} +- {r['auc_std']:.4f} | "
                      f"{r['gauc_mean']:.4f} +- {r['gauc_std']:.4f} | "
                      f"{r['logloss_mean']:.4f} +- {r['logloss_std']:.4f} | "
-                     f"{r['auc_gain_pct']:+.2f}% | {r['gauc_gain_pct']:+.2f}% |")
+                     f"{r['auc_gain_pct']:+.2f}% | {r['gauc_gain_pct']:+.2f}% | "
+                     f"{r['steps']:,.0f} | {r['best_epoch']:.1f} | {r['train_seconds']:.1f} |")
     return "\n".join(lines)
 
 
 CSV_FIELDS = ["dataset", "variant", "seeds", "auc_mean", "auc_std", "gauc_mean", "gauc_std",
-              "logloss_mean", "logloss_std", "auc_gain_pct", "gauc_gain_pct"]
+              "logloss_mean", "logloss_std", "auc_gain_pct", "gauc_gain_pct", *TRAINING]
 
 
 def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
@@ -137,7 +145,8 @@ def write_plot(path: Path, tables: Dict[str, List[Dict[str, Any]]], baseline: st
         pad = max(0.005, 0.1 * (hi - lo))
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_ylabel("test AUC (mean +- std over seeds)")
-        ax.set_title(name)
+        steps = sorted({int(r["steps"]) for r in rows if r["steps"] == r["steps"]})
+        ax.set_title(f"{name}: {', '.join(f'{n:,}' for n in steps)} optimizer steps per model")
     fig.tight_layout()
     with atomic_output(path, overwrite=True) as t:
         fig.savefig(t, format="png", dpi=120)
