@@ -22,7 +22,8 @@ from conftest import REPO_ROOT, tiny_columns, tiny_spec
 from iat_torchrec.data.log import write_log
 from iat_torchrec.config import parse_config
 from iat_torchrec.pipeline.plan import VARIANTS, PipelineConfig, Step, build_plan
-from iat_torchrec.stages.evaluate import EvaluateConfig, ResultsError, run_evaluate
+from iat_torchrec.stages.evaluate import (CompareConfig, EvaluateConfig, ResultsError,
+                                          run_compare, run_evaluate)
 from iat_torchrec.pipeline.runner import PipelineRunner, StageFailed, fingerprints, run_pipeline
 
 # The main job's settings, at a tiny size.
@@ -230,9 +231,31 @@ def test_evaluate_names_a_missing_or_broken_results_file(tmp_path):
     with pytest.raises(ResultsError, match="results_DLRM.json: not a results file.*'click'"):
         run_evaluate(cfg)
     metrics = {"auc": 0.7, "gauc": 0.6, "logloss": 0.5}
-    results.write_text(json.dumps({"valid": {"click": metrics}, "test": {"click": metrics}}))
+    epochs = [{"epoch": e, "valid": {"click": {**metrics, "auc": auc}}}
+              for e, auc in enumerate([0.69, 0.72, 0.715])]
+    results.write_text(json.dumps({"valid": {"click": metrics}, "test": {"click": metrics},
+                                   "epochs": epochs, "steps": 300}))
     summary = run_evaluate(cfg)
-    assert summary["datasets"]["tiny"]["table"][0]["auc_mean"] == 0.7
+    row = summary["datasets"]["tiny"]["table"][0]
+    assert row["auc_mean"] == 0.7 and row["steps"] == 300
+    assert row["last_epoch_gain"] == pytest.approx(0.0)  # the third epoch did not help
+    epochs[2]["valid"]["click"]["auc"] = 0.725
+    results.write_text(json.dumps({"valid": {"click": metrics}, "test": {"click": metrics},
+                                   "epochs": epochs, "steps": 300}))
+    run_evaluate(cfg)
+    assert "raised the best valid AUC by at most +0.0050" in (tmp_path / "results.md").read_text()
+    # Two runs compared: the change of valid AUC per variant.
+    other = tmp_path / "other"
+    other.mkdir()
+    epochs[2]["valid"]["click"]["auc"] = 0.74
+    results.write_text(json.dumps({"valid": {"click": {**metrics, "auc": 0.74}},
+                                   "test": {"click": metrics}, "epochs": epochs}))
+    run_evaluate(dataclasses.replace(cfg, out_dir=str(other)))
+    rows = run_compare(CompareConfig(base=str(tmp_path), other=str(other),
+                                     out=str(tmp_path / "compare.json")))
+    assert rows[0]["variant"] == "DLRM"
+    assert rows[0]["valid_auc_change"] == pytest.approx(0.04)
+    assert json.loads((tmp_path / "compare.json").read_text())["rows"] == rows
     assert (tmp_path / "results.md").read_text().startswith("### tiny (500 instances)")
 
 

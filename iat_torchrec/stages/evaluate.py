@@ -4,7 +4,8 @@ Reads the index of runs the pipeline writes (``runs.json``: per dataset, each va
 file per seed), and writes into ``out_dir``: ``results.md`` (one table per dataset: test AUC,
 GAUC and logloss as mean +- std over seeds, the relative AUC / GAUC gain over the index's
 ``baseline`` variant, and how each model was trained: optimizer steps, best epoch (mean over
-seeds) and training seconds),
+seeds) and training seconds; below it, the most the last epoch raised a variant's best valid
+AUC),
 ``results.csv`` (the same rows), ``results.png`` (test AUC per variant with its std as error
 bars, one panel per dataset) and ``summary.json`` (the tables and every run's metrics). A
 missing or unreadable results file is an error naming it.
@@ -17,7 +18,7 @@ import dataclasses
 import io
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -26,7 +27,8 @@ from iat_torchrec.data.log import validate_log
 from iat_torchrec.data.spec import FeatureSpec
 
 METRICS = ("auc", "gauc", "logloss")
-TRAINING = ("steps", "best_epoch", "train_seconds")  # per run, averaged over seeds
+# Per run, averaged over seeds.
+TRAINING = ("steps", "best_epoch", "train_seconds", "last_epoch_gain")
 
 
 @dataclasses.dataclass
@@ -65,12 +67,20 @@ def load_runs(index: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
                     raise ResultsError(f"{path}: not a results file with valid and test "
                                        f"metrics of label {label!r} ({e!r})") from None
                 runs[variant].append({"seed": run["seed"], "valid": valid, "test": test,
+                                      "last_epoch_gain": last_epoch_gain(saved, label),
                                       "best_epoch": saved.get("best_epoch"),
                                       "steps": saved.get("steps"),
                                       "train_seconds": saved.get("train_seconds")})
         datasets[name] = {"name": name, "rows": validate_log(entry["log"]).rows,
                           "label": label, "baseline": index.get("baseline"), "runs": runs}
     return datasets
+
+
+def last_epoch_gain(results: Dict[str, Any], label: str) -> Optional[float]:
+    """How much the last epoch raised the best valid AUC of a run (None: one epoch): whether
+    another epoch still pays."""
+    aucs = [e["valid"][label]["auc"] for e in results.get("epochs", [])]
+    return max(aucs) - max(aucs[:-1]) if len(aucs) > 1 else None
 
 
 def summarize(dataset: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -86,6 +96,8 @@ def summarize(dataset: Dict[str, Any]) -> List[Dict[str, Any]]:
         for k in TRAINING:
             values = [r[k] for r in runs if r.get(k) is not None]
             s[k] = float(np.mean(values)) if values else float("nan")
+        valid = np.array([r["valid"]["auc"] for r in runs], dtype=float)
+        s["valid_auc_mean"], s["valid_auc_std"] = float(valid.mean()), float(valid.std())
         stats[variant] = s
         rows.append(s)
     base = stats.get(dataset["baseline"])
@@ -110,11 +122,17 @@ def markdown(dataset: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
                      f"{r['logloss_mean']:.4f} +- {r['logloss_std']:.4f} | "
                      f"{r['auc_gain_pct']:+.2f}% | {r['gauc_gain_pct']:+.2f}% | "
                      f"{r['steps']:,.0f} | {r['best_epoch']:.1f} | {r['train_seconds']:.1f} |")
+    gains = [r for r in rows if r["last_epoch_gain"] == r["last_epoch_gain"]]
+    if gains:
+        top = max(gains, key=lambda r: r["last_epoch_gain"])
+        lines += ["", f"The last epoch raised the best valid AUC by at most "
+                      f"{top['last_epoch_gain']:+.4f} (mean over seeds; {top['variant']})."]
     return "\n".join(lines)
 
 
 CSV_FIELDS = ["dataset", "variant", "seeds", "auc_mean", "auc_std", "gauc_mean", "gauc_std",
-              "logloss_mean", "logloss_std", "auc_gain_pct", "gauc_gain_pct", *TRAINING]
+              "logloss_mean", "logloss_std", "auc_gain_pct", "gauc_gain_pct", "valid_auc_mean",
+              "valid_auc_std", *TRAINING]
 
 
 def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
@@ -177,3 +195,52 @@ def run_evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
         t.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(text, flush=True)
     return summary
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    """Compare two pipeline runs variant by variant (e.g. the main job against the same with
+    twice the data): does the change still raise valid AUC?"""
+
+    base: str = dataclasses.field(default="", metadata={
+        "help": "run directory of the reference run (its summary.json) (required)"})
+    other: str = dataclasses.field(default="", metadata={
+        "help": "run directory of the changed run (required)"})
+    out: str = dataclasses.field(default="", metadata={
+        "help": "JSON file for the comparison (default: none)"})
+
+
+def _summary_rows(run_dir: str) -> Dict[str, Dict[str, Any]]:
+    path = Path(run_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResultsError(f"{path}: cannot read a pipeline summary ({e})") from None
+    return {r["variant"]: r for d in summary["datasets"].values() for r in d["table"]}
+
+
+def run_compare(cfg: CompareConfig) -> List[Dict[str, Any]]:
+    """Per variant of both runs: valid and test AUC (mean over seeds) of each and the change;
+    printed as a table, written to ``out`` if given."""
+    if not cfg.base or not cfg.other:
+        raise ValueError("--base and --other are required: two pipeline run directories")
+    base, other = _summary_rows(cfg.base), _summary_rows(cfg.other)
+    rows = []
+    for variant in [v for v in base if v in other]:
+        b, o = base[variant], other[variant]
+        rows.append({"variant": variant, "seeds": [b["seeds"], o["seeds"]],
+                     "valid_auc": [b["valid_auc_mean"], o["valid_auc_mean"]],
+                     "valid_auc_change": o["valid_auc_mean"] - b["valid_auc_mean"],
+                     "test_auc": [b["auc_mean"], o["auc_mean"]],
+                     "test_auc_change": o["auc_mean"] - b["auc_mean"]})
+    lines = [f"base {cfg.base}, other {cfg.other}", "",
+             "| variant | valid AUC base | valid AUC other | change | test AUC change |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['valid_auc'][0]:.4f} | {r['valid_auc'][1]:.4f} | "
+              f"{r['valid_auc_change']:+.4f} | {r['test_auc_change']:+.4f} |" for r in rows]
+    print("\n".join(lines), flush=True)
+    if cfg.out:
+        with atomic_output(cfg.out, overwrite=True) as t:
+            t.write_text(json.dumps({"base": cfg.base, "other": cfg.other, "rows": rows},
+                                    indent=2) + "\n")
+    return rows
