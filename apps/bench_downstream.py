@@ -27,6 +27,19 @@ fields of dim 16, 13 dense), ``num_batches`` batches of it cycled; an IAT token 
 timed; then the models take turns running ``steps`` steps, ``repeats`` times, and the best turn
 is kept. Samples/s = batch_size / seconds per step.
 
+Per row also the model's FLOPs and bytes per sample (forward + backward, counted analytically as
+``iat_torchrec.models.cost`` says: the history branch or mixer, DLRM's dense and over arch MLPs,
+the dot interaction, the embeddings, tokens and codes read; the optimizer is not counted),
+achieved GFLOP/s and GB/s, and the fraction of the roofline min(matmul rate, copy bandwidth x
+FLOPs / bytes), both limits measured in the same run (``iat_torchrec.benchmark.Limits``). A last
+row: the start-up of one stage process, the best wall seconds of ``startup_repeats`` fresh
+processes importing torch, torchrec and ``iat_torchrec.stages.train``.
+
+Sizes: ``--mixer.*`` and ``--iat.*`` set the SIF-Mixer and IAT branch (default: the method's,
+``DLRMSIFConfig``'s defaults); the main job's are ``--lengths 50 --mixer.num_blocks 2
+--iat.adapt_dim 32 --iat.side_dim 32 --iat.num_layers 1 --iat.num_heads 2 --token_dim 32
+--token_dtype fp32``.
+
 Clock: by default (``one_core``, CPU) the process runs on one core with one thread
 (``iat_torchrec.benchmark.pin_one_core``) and steps are timed in CPU seconds of the process
 (``time.process_time``): per-core rates that other jobs on a shared machine hardly skew (with
@@ -50,7 +63,8 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from iat_torchrec.benchmark import best_in_turns, pin_one_core
+from iat_torchrec.benchmark import (ROOFLINE_COLUMNS, Limits, best_in_turns, import_seconds,
+                                    markdown_table, pin_one_core, roofline_cells)
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.batch import InstanceBatch
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig
@@ -59,8 +73,11 @@ from iat_torchrec.data.synthetic import SyntheticConfig, generate
 from iat_torchrec.distributed.collectives import DistEnv, init_process_group
 from iat_torchrec.distributed.sharding import ShardingConfig
 from iat_torchrec.history import LABEL_PAD, DownstreamBatch, HistoryBatch, HistoryLayout
+from iat_torchrec.models import cost
 from iat_torchrec.models.dlrm_sif import DLRM_SIF, DLRM_SIFTrain, DLRMSIFConfig
 from iat_torchrec.models.hgaq import HGAQConfig, subtoken_layout
+from iat_torchrec.models.history import IATBranchConfig
+from iat_torchrec.models.mixer import SIFMixerConfig
 from iat_torchrec.stages.common import build_sharded
 from iat_torchrec.stages.train import TrainDownstreamConfig
 from iat_torchrec.tokens.lookup import InstanceTokenLookup, SampleCodeLookup
@@ -68,7 +85,10 @@ from iat_torchrec.tokens.store import TokenStore
 from iat_torchrec.train.loop import TrainConfig
 
 ITEM_FEATURE = "item_id"  # the synthetic log's item field
+STAGE_MODULES = ("torch", "torchrec", "iat_torchrec.stages.train")
+TOKEN_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 REFERENCE = ("DLRM, no history", "none", "dot")
+STARTUP = "stage process start-up"  # the row of import_seconds(STAGE_MODULES)
 # (row name, history source, interaction), timed at every L.
 VARIANTS: Tuple[Tuple[str, str, str], ...] = (
     ("DLRM+DIN", "din", "dot"),
@@ -96,6 +116,12 @@ class BenchDownstreamConfig:
     token_dim: int = dataclasses.field(default=64, metadata={"help": "IAT token width d"})
     token_dtype: str = dataclasses.field(default="fp16", metadata={
         "help": "IAT store dtype: fp32 | fp16 | int8"})
+    mixer: SIFMixerConfig = dataclasses.field(default_factory=SIFMixerConfig, metadata={
+        "help": "SIF-Mixer sizes"})
+    iat: IATBranchConfig = dataclasses.field(default_factory=IATBranchConfig, metadata={
+        "help": "IAT branch sizes"})
+    startup_repeats: int = dataclasses.field(default=3, metadata={
+        "help": "fresh stage processes timed for the start-up row (best kept; 0: no row)"})
     warmup: int = dataclasses.field(default=1, metadata={"help": "untimed steps per model"})
     steps: int = dataclasses.field(default=1, metadata={"help": "steps per timed turn"})
     repeats: int = dataclasses.field(default=3, metadata={"help": "timed turns (best kept)"})
@@ -161,7 +187,7 @@ def variant_config(cfg: BenchDownstreamConfig, source: str, interaction: str,
     """``apps/train.py``'s configuration of one variant (its model and sharding defaults)."""
     return TrainDownstreamConfig(
         model=DLRMSIFConfig(history_source=source, interaction=interaction,
-                            item_feature=ITEM_FEATURE,
+                            item_feature=ITEM_FEATURE, mixer=cfg.mixer, iat=cfg.iat,
                             item_history_len=min(cfg.item_history_len or length, length)),
         train=TrainConfig(batch_size=cfg.batch_size, seed=cfg.seed),
         sharding=ShardingConfig(device=cfg.device))
@@ -186,6 +212,50 @@ def variant_batches(inputs: Inputs, mcfg: DLRMSIFConfig, length: int, seed: int,
             b, history if v.reads_history else None, items if k else None, k,
             codes if v.is_sif else None).to(device))
     return out
+
+
+def _mlp(batch: int, sizes: List[int]) -> cost.Cost:
+    """Linear layers of ``sizes[0] -> ... -> sizes[-1]`` on one row per sample."""
+    return cost.total([cost.linear(batch, a, b) + cost.activations(2 * batch * b)
+                       for a, b in zip(sizes, sizes[1:])])
+
+
+def variant_cost(cfg: BenchDownstreamConfig, spec: FeatureSpec, mcfg: DLRMSIFConfig,
+                 length: int) -> cost.Cost:
+    """One training step's analytic cost (``iat_torchrec.models.cost``): DLRM's dense arch,
+    embeddings, interaction and over arch, plus the variant's history parts."""
+    b, d, f = cfg.batch_size, mcfg.embedding_dim, len(spec.sparse)
+    v, k = mcfg.variant, mcfg.item_history_len
+    parts = [_mlp(b, [len(spec.dense), *mcfg.dense_arch_layers, d]), cost.inputs(b * f * d)]
+    items = [cost.inputs(b * k * d)] if mcfg.item_branch != "none" else []
+    if mcfg.item_branch == "din":
+        items.append(cost.din(b, k, d, mcfg.din.attention_layers))
+    elif mcfg.item_branch == "bst":
+        items.append(cost.bst(b, k, d, mcfg.bst.num_heads, mcfg.bst.ffn_mult,
+                              mcfg.bst.num_layers, mcfg.bst.output == "target"))
+    parts += items
+    i, m = mcfg.iat, mcfg.mixer
+    if v.is_sif:
+        layout = subtoken_layout(spec, HGAQConfig().fields_per_subtoken)
+        t, width = len(layout), max(len(s.fields) for s in layout)
+        parts.append(cost.sif_mixer(b, length, t, m.d0, m.num_heads, m.ffn_mult, m.num_blocks,
+                                    (1 + width) * d))
+        if v.uses_codes:
+            parts.append(cost.inputs(b * length * t * HGAQConfig().levels, 8))
+        if v.uses_tokens:
+            parts += [cost.inputs(b * length * cfg.token_dim, TOKEN_BYTES[cfg.token_dtype]),
+                      cost.linear(b * length, cfg.token_dim, t * m.d0)]
+        over_in = m.d0
+    else:
+        if v.uses_tokens:
+            parts.append(cost.iat_branch(b, length, cfg.token_dim, (1 + f) * d, d, i.adapt_dim,
+                                         i.side_dim, i.num_heads, i.ffn_mult, i.num_layers,
+                                         TOKEN_BYTES[cfg.token_dtype]))
+        n = f + int(mcfg.item_branch != "none") + int(v.uses_tokens)  # features + tokens
+        parts.append(cost.Cost(cost.FWD_BWD * b * n * (n + 1) * d, 0.0))  # dot products
+        over_in = d + n * (n - 1) // 2 + n
+    parts.append(_mlp(b, [over_in, *mcfg.over_arch_layers, len(spec.labels)]))
+    return cost.total(parts)
 
 
 def build_pipeline(inputs: Inputs, train_cfg: TrainDownstreamConfig,
@@ -232,12 +302,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     # (L, name, history source, interaction); L = 0: no history.
     rows = [(0, *REFERENCE)] + [(length, *v) for length in cfg.lengths for v in VARIANTS]
     try:
+        limits = Limits.measure(env.device, cfg.repeats)
         with tempfile.TemporaryDirectory(dir=cfg.work_dir or None) as tmp:
             inputs = make_inputs(cfg, env, Path(tmp))
-            runs = []
+            runs, costs = [], []
             for length, _, source, interaction in rows:
                 train_cfg = variant_config(cfg, source, interaction, length)
                 mcfg = train_cfg.model
+                costs.append(variant_cost(cfg, inputs.spec, mcfg, length)
+                             .per_sample(cfg.batch_size))
                 pipeline = build_pipeline(inputs, train_cfg, env)
                 batches = itertools.cycle(variant_batches(inputs, mcfg, length, cfg.seed,
                                                  cfg.store_rows, env.device))
@@ -256,17 +329,25 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{datetime.date.today().isoformat()}: batch {cfg.batch_size}, "
           f"{len(inputs.spec.sparse)} sparse fields (D = {mcfg.embedding_dim}) + "
           f"{len(inputs.spec.dense)} dense, item history {k}, IAT tokens d = {cfg.token_dim} "
-          f"{cfg.token_dtype} ({cfg.store_rows:,} rows); one process, DMP + fused row-wise "
+          f"{cfg.token_dtype} ({cfg.store_rows:,} rows); IAT branch {cfg.iat.adapt_dim} + "
+          f"{cfg.iat.side_dim}, {cfg.iat.num_layers} layer(s), {cfg.iat.num_heads} heads; "
+          f"SIF-Mixer N = {cfg.mixer.num_blocks}; one process, DMP + fused row-wise "
           f"Adagrad + Adam, TrainPipelineSparseDist; best of {cfg.repeats} x {cfg.steps} steps "
           f"after {cfg.warmup} warm-up, in {'CPU' if per_core else 'wall'} seconds")
+    print(f"limits measured in this run: {limits.describe()}")
     ref = cfg.batch_size / seconds[0]
-    print(f"| {'L':>4} | {'what':<30} | {'source':<9} | {'interaction':<11} | "
-          f"{'ms / step':>9} | {'samples/s':>10} | {'x ' + REFERENCE[0]:>20} |")
-    print(f"|{'-' * 6}|{'-' * 32}|{'-' * 11}|{'-' * 13}|{'-' * 11}|{'-' * 12}|{'-' * 22}|")
-    for (length, name, source, interaction), secs in zip(rows, seconds):
+    table = []
+    for (length, name, source, interaction), secs, c in zip(rows, seconds, costs):
         rate = cfg.batch_size / secs
-        print(f"| {length or '-':>4} | {name:<30} | {source:<9} | {interaction:<11} | "
-              f"{secs * 1e3:>9.1f} | {rate:>10,.0f} | {rate / ref:>#20.3g} |")
+        table.append((length or "-", name, source, interaction, secs * 1e3, rate / ref,
+                      *roofline_cells(rate, c.flops, c.bytes, limits)))
+    if cfg.startup_repeats:
+        table.append(("-", STARTUP, "-", "-", 1e3 * import_seconds(STAGE_MODULES,
+                                                                    cfg.startup_repeats),
+                      *["-"] * (1 + len(ROOFLINE_COLUMNS))))
+    print(markdown_table([("L", ">4"), ("what", "<30"), ("source", "<9"), ("interaction", "<11"),
+                          ("ms / step", ">9.1f"), ("x " + REFERENCE[0], ">20.4f"),
+                          *ROOFLINE_COLUMNS], table))
 
 
 if __name__ == "__main__":

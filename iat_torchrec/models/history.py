@@ -27,6 +27,11 @@ Decisions where METHOD.md is silent:
   sit (left- or right-aligned). The target (BST) or query (IAT) token is always real, so no
   softmax is ever empty; DIN over an empty history returns zeros. All three give finite values
   and gradients for empty histories.
+- Speed without a change of result: the steps that are padding in every sample of the batch are
+  cut off first (:func:`~iat_torchrec.models.padding.trim`; without padding left, attention runs
+  unmasked); attention is laid out as in :mod:`iat_torchrec.models.attention`; DIN's activation
+  unit takes the query's part of its first layer once per sample. ``iat_torchrec.models.reference``
+  keeps the earlier forward passes, which the tests compare with.
 - Position from the end (BST; IAT optionally) counts the real steps after a step, clipped to the
   last bucket, so it is the same for any alignment; the time gap is the BST paper's "position".
 - The IAT side information is the sum of a label and a gap embedding, each ``side_dim`` wide; the
@@ -43,10 +48,14 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from iat_torchrec.models.mixer import MultiHeadAttention
-from iat_torchrec.history import LABEL_VOCAB_SIZE, HistoryLayout, steps_after
+from iat_torchrec.models.attention import MultiHeadAttention
+from iat_torchrec.models.padding import embed, masked_ids, steps_after, trim, zero_padding
 
-DEFAULT_GAP_VOCAB = HistoryLayout().gap_vocab_size
+# The vocabularies of iat_torchrec.history (its LABEL_* values; HistoryLayout().gap_vocab_size),
+# written out because that package needs torchrec and this module torch only (a test checks
+# that they agree).
+LABEL_VOCAB_SIZE = 4
+DEFAULT_GAP_VOCAB = 20
 BST_OUTPUTS = ("target", "mean")
 
 
@@ -130,16 +139,6 @@ def _check_transformer(name: str, layers: int, heads: int, ffn_mult: int, dropou
 
 
 # --------------------------------------------------------------------------- helpers
-def masked_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``ids`` with padded steps replaced by 0 (a valid row of any embedding table)."""
-    return torch.where(mask, ids, 0)
-
-
-def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x`` [B, L, d] with padded steps set to 0 (whatever they held, NaN included)."""
-    return torch.where(mask.unsqueeze(-1), x, x.new_zeros(()))
-
-
 class TransformerBlock(nn.Module):
     """A pre-LayerNorm encoder block (self-attention through SDPA with a padding mask, GELU FFN)
     that can compute the first position only.
@@ -160,18 +159,18 @@ class TransformerBlock(nn.Module):
                                  nn.Linear(ffn_mult * dim, dim, device=device))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, first_only: bool = False
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], first_only: bool = False
                 ) -> torch.Tensor:
-        """x [B, S, dim], mask [B, S] bool (True = real) -> [B, S, dim], or [B, 1, dim] (the
-        first position only) with ``first_only``."""
+        """x [B, S, dim], mask [B, S] bool (True = real; None = all real) -> [B, S, dim], or
+        [B, 1, dim] (the first position only) with ``first_only``."""
         b, s, _ = x.shape
-        a = self.attention(self.attention_norm(x), mask.view(b, 1, 1, s),
+        a = self.attention(self.attention_norm(x), None if mask is None else mask.view(b, 1, 1, s),
                            num_queries=1 if first_only else None)
         x = (x[:, :1] if first_only else x) + self.dropout(a)
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
-def _encode(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor,
+def _encode(blocks: nn.ModuleList, x: torch.Tensor, mask: Optional[torch.Tensor],
             first_only: bool) -> torch.Tensor:
     last = len(blocks) - 1
     for i, block in enumerate(blocks):
@@ -221,26 +220,37 @@ class DINAttention(nn.Module):
     def keys(self, items: torch.Tensor, label: torch.Tensor, gap_bucket: torch.Tensor,
              mask: torch.Tensor) -> torch.Tensor:
         """Per-step keys [B, L, D]: item + side information, padded steps zero."""
-        k = zero_padding(items, mask) + self.label_embedding(masked_ids(label, mask))
+        k = zero_padding(items, mask) + embed(self.label_embedding, masked_ids(label, mask))
         if self.gap_embedding is not None:
-            k = k + self.gap_embedding(masked_ids(gap_bucket, mask))
+            k = k + embed(self.gap_embedding, masked_ids(gap_bucket, mask))
         return zero_padding(k, mask)
 
     def forward(self, query: torch.Tensor, items: torch.Tensor, label: torch.Tensor,
                 gap_bucket: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """query [B, D], items [B, L, D], label / gap_bucket [B, L] int, mask [B, L] bool ->
         [B, D] (zeros for an empty history)."""
-        mask = mask.bool()
+        mask, (items, label, gap_bucket), _ = trim(mask.bool(), items, label, gap_bucket)
         k = self.keys(items, label, gap_bucket, mask)
-        q = query.unsqueeze(1).expand_as(k)
-        unit_in = torch.cat([q, k, q - k, q * k], dim=-1)
-        # [B * L, 4D]: PReLU's per-unit slopes act on dim 1.
-        scores = self.activation_unit(unit_in.reshape(-1, unit_in.shape[-1])).view(mask.shape)
+        scores = self.scores(query, k).view(mask.shape)
         if self.config.softmax:
             # A finite fill keeps all-masked rows (uniform, then zeroed) free of NaN gradients.
             scores = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
         weights = torch.where(mask, scores, scores.new_zeros(()))
         return (weights.unsqueeze(-1) * k).sum(1)
+
+    def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The activation unit over ``[q, k, q - k, q * k]``, query [B, D], keys [B, L, D] ->
+        [B * L, 1], with its first layer split by linearity: ``W [q, k, q - k, q k] =
+        (W_q + W_d) q + [W_k - W_d, W_p] [k, q k]``, the query's part once per sample."""
+        d = keys.shape[-1]
+        first = self.activation_unit[0]
+        w_q, w_k, w_d, w_p = first.weight.split(d, dim=1)
+        per_sample = torch.addmm(first.bias, query, (w_q + w_d).t())  # [B, n]
+        per_step = torch.cat([keys, query.unsqueeze(1) * keys], -1) @ torch.cat(
+            [w_k - w_d, w_p], 1).t()  # [B, L, n]
+        # [B * L, n]: PReLU's per-unit slopes act on dim 1.
+        hidden = (per_step + per_sample.unsqueeze(1)).flatten(0, 1)
+        return self.activation_unit[1:](hidden)
 
 
 # --------------------------------------------------------------------------- BST
@@ -286,26 +296,28 @@ class BSTEncoder(nn.Module):
     def history_tokens(self, items: torch.Tensor, label: torch.Tensor, gap_bucket: torch.Tensor,
                        mask: torch.Tensor) -> torch.Tensor:
         """History tokens [B, L, D]: item + label (+ gap, + position), padded steps zero."""
-        h = zero_padding(items, mask) + self.label_embedding(masked_ids(label, mask))
+        h = zero_padding(items, mask) + embed(self.label_embedding, masked_ids(label, mask))
         if self.gap_embedding is not None:
-            h = h + self.gap_embedding(masked_ids(gap_bucket, mask))
+            h = h + embed(self.gap_embedding, masked_ids(gap_bucket, mask))
         if self.position_embedding is not None:
             pos = steps_after(mask).clamp(max=self.config.position_buckets - 1)
-            h = h + self.position_embedding(masked_ids(pos, mask))
+            h = h + embed(self.position_embedding, masked_ids(pos, mask))
         return zero_padding(h, mask)
 
     def forward(self, target: torch.Tensor, items: torch.Tensor, label: torch.Tensor,
                 gap_bucket: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """target [B, D], items [B, L, D], label / gap_bucket [B, L] int, mask [B, L] bool ->
         [B, D]."""
-        mask = mask.bool()
+        mask, (items, label, gap_bucket), all_real = trim(mask.bool(), items, label, gap_bucket)
         x = torch.cat([(target + self.target_embedding).unsqueeze(1),
                        self.history_tokens(items, label, gap_bucket, mask).to(target.dtype)], 1)
-        full = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        full = None if all_real else torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
         target_only = self.config.output == "target"
         x = self.norm(_encode(self.blocks, x, full, target_only))
         if target_only:
             return x[:, 0]
+        if full is None:
+            return x.mean(1)
         x = zero_padding(x, full)
         return x.sum(1) / full.sum(1, keepdim=True).to(x.dtype)
 
@@ -358,28 +370,29 @@ class IATBranch(nn.Module):
               mask: torch.Tensor) -> torch.Tensor:
         """Per-step inputs [B, L, adapt_dim + side_dim], padded steps zero; tokens detached."""
         e = zero_padding(tokens.detach().to(self.adapt.weight.dtype), mask)
-        side = (self.label_embedding(masked_ids(label, mask))
-                + self.gap_embedding(masked_ids(gap_bucket, mask)))
+        side = (embed(self.label_embedding, masked_ids(label, mask))
+                + embed(self.gap_embedding, masked_ids(gap_bucket, mask)))
         x = torch.cat([torch.sigmoid(self.adapt(e)), side], dim=-1)
         if self.position_embedding is not None:
             pos = steps_after(mask).clamp(max=self.config.position_buckets - 1)
-            x = x + self.position_embedding(masked_ids(pos, mask))
+            x = x + embed(self.position_embedding, masked_ids(pos, mask))
         return zero_padding(x, mask)
 
     def forward(self, tokens: torch.Tensor, label: torch.Tensor, gap_bucket: torch.Tensor,
                 mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """tokens [B, L, d] (no gradient reaches them), label / gap_bucket [B, L] int,
         mask [B, L] bool, query [B, query_dim] -> [B, output_dim]."""
-        mask = mask.bool()
+        mask, (tokens, label, gap_bucket), all_real = trim(mask.bool(), tokens, label,
+                                                           gap_bucket)
         x = torch.cat([self.query(query).unsqueeze(1),
                        self.steps(tokens, label, gap_bucket, mask)], dim=1)
-        full = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        full = None if all_real else torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
         x = _encode(self.blocks, x, full, first_only=True)
         return self.output(self.norm(x[:, 0]))
 
 
 __all__: Sequence[str] = (
-    "DEFAULT_GAP_VOCAB", "DINConfig", "BSTConfig", "IATBranchConfig", "masked_ids",
+    "LABEL_VOCAB_SIZE", "DEFAULT_GAP_VOCAB", "DINConfig", "BSTConfig", "IATBranchConfig", "masked_ids",
     "zero_padding", "TransformerBlock",
     "DINAttention", "BSTEncoder", "IATBranch",
 )

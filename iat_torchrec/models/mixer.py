@@ -32,6 +32,11 @@ Decisions where METHOD.md is silent:
   reach the output; row 0 is never masked, so no softmax is ever empty.
 - The last block computes sample attention and FFN for the target row only (the output reads
   nothing else), which saves most of that block's work and changes no result.
+- The blocks run on a rows-first tensor [L+1, B, T, d0], where the rows (token attention) and
+  the columns (sample attention) are both views (:mod:`iat_torchrec.models.attention`), and the
+  history steps that are padding in every sample of the batch are cut off first
+  (:func:`~iat_torchrec.models.padding.trim`); neither changes a result
+  (``iat_torchrec.models.reference`` keeps the earlier forward for the tests).
 - Default heads: 2 (head size 8 at d0 = 16); GELU in the FFN; ``pooling="flatten"`` keeps the
   whole target row [B, T * d0] for an OverArch that wants more than the mean.
 """
@@ -45,11 +50,13 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from iat_torchrec.models.hgaq import keyed_columns
+from iat_torchrec.models.attention import MultiHeadAttention
+from iat_torchrec.models.padding import embed, trim
 
 POOLINGS = ("mean", "flatten")
+# [B, F, D], or a torchrec KeyedTensor of pooled embeddings (not imported: torch only here).
+SparseFeatures = Union[torch.Tensor, "KeyedTensor"]
 
 
 @dataclasses.dataclass
@@ -84,40 +91,6 @@ class SIFMixerConfig:
                              f"got {self.pooling!r}")
 
 
-class MultiHeadAttention(nn.Module):
-    """Multi-head self-attention through ``scaled_dot_product_attention``, with the option of
-    querying from the first positions only.
-
-    Args:
-        dim: model width.
-        num_heads: heads (``dim`` must divide evenly).
-        dropout: attention dropout (training only).
-        device: where the parameters live.
-    """
-
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0,
-                 device: Optional[torch.device] = None) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.in_proj = nn.Linear(dim, 3 * dim, device=device)
-        self.out_proj = nn.Linear(dim, dim, device=device)
-
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                num_queries: Optional[int] = None) -> torch.Tensor:
-        """x [N, S, dim], mask broadcastable to [N, heads, S_q, S] (bool, True = attend) ->
-        [N, S_q, dim]: the first ``num_queries`` positions attend (default: all, S_q = S)."""
-        n, s, dim = x.shape
-        h = self.num_heads
-        q, k, v = (y.transpose(1, 2)  # [N, h, S, dh]
-                   for y in self.in_proj(x).view(n, s, 3, h, dim // h).unbind(2))
-        if num_queries is not None:
-            q = q[:, :, :num_queries]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(n, q.shape[2], dim))
-
-
 class SIFMixerBlock(nn.Module):
     """One pre-LayerNorm block: token attention within rows, sample attention within columns,
     FFN; each a residual branch.
@@ -145,17 +118,33 @@ class SIFMixerBlock(nn.Module):
                 target_only: bool = False) -> torch.Tensor:
         """x [B, R, T, d], row_mask [B, R] bool (True = real row; None = all real) ->
         [B, R, T, d], or [B, 1, T, d] (row 0 only) with ``target_only``."""
-        b, r, t, d = x.shape
-        y = self.token_norm(x).reshape(b * r, t, d)
-        x = x + self.dropout(self.token_attention(y)).view(b, r, t, d)
-        y = self.sample_norm(x).transpose(1, 2).reshape(b * t, r, d)
-        mask = None
-        if row_mask is not None:
-            mask = row_mask.unsqueeze(1).expand(b, t, r).reshape(b * t, 1, 1, r)
-        a = self.sample_attention(y, mask, num_queries=1 if target_only else None)
-        a = a.view(b, t, -1, d).transpose(1, 2)
-        x = (x[:, :1] if target_only else x) + self.dropout(a)
+        b, r, t, _ = x.shape
+        return self.mix(x.transpose(0, 1).contiguous(), sample_mask(row_mask, t),
+                        target_only).transpose(0, 1)
+
+    def mix(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+            target_only: bool = False) -> torch.Tensor:
+        """The block on the rows-first layout: x [R, B, T, d] contiguous, mask [B * T, 1, 1, R]
+        (:func:`sample_mask`) -> [R, B, T, d], or [1, B, T, d] with ``target_only``. Rows
+        (over T) and columns (over R) are both views of x: no copy on the way in or out."""
+        r, b, t, d = x.shape
+        y = self.token_norm(x).view(r * b, t, d)
+        x = x + self.dropout(self.token_attention(y)).view(r, b, t, d)
+        y = self.sample_norm(x).view(r, b * t, d)
+        a = self.sample_attention(y, mask, num_queries=1 if target_only else None,
+                                  seq_first=True)
+        x = (x[:1] if target_only else x) + self.dropout(a).view(-1, b, t, d)
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+def sample_mask(row_mask: Optional[torch.Tensor], num_tokens: int) -> Optional[torch.Tensor]:
+    """row_mask [B, R] bool -> the sample attention's mask [B * T, 1, 1, R] (column (b, t)
+    reads sample b's rows), or None when every row is real."""
+    if row_mask is None:
+        return None
+    b, r = row_mask.shape
+    return row_mask.view(b, 1, 1, 1, r).expand(b, num_tokens, 1, 1, r).reshape(
+        b * num_tokens, 1, 1, r)
 
 
 class SIFMixer(nn.Module):
@@ -232,12 +221,12 @@ class SIFMixer(nn.Module):
             recency = torch.arange(length - 1, -1, -1, device=history.device).clamp_(
                 max=self.config.recency_buckets - 1).expand(b, length)
         recency = torch.where(history_mask, recency, 0)
-        rows = history + self.recency_embedding(recency).view(b, length, t, d0)
+        rows = history + embed(self.recency_embedding, recency).view(b, length, t, d0)
         if side is not None:
             if self.side_embedding is None:
                 raise ValueError("side information given but config.side_values is 0")
             side = torch.where(history_mask, side, 0)
-            rows = rows + self.side_embedding(side).view(b, length, t, d0)
+            rows = rows + embed(self.side_embedding, side).view(b, length, t, d0)
         return torch.where(history_mask.view(b, length, 1, 1), rows, rows.new_zeros(()))
 
     def forward(self, target_features: torch.Tensor, history: Optional[torch.Tensor] = None,
@@ -256,8 +245,8 @@ class SIFMixer(nn.Module):
             [B, output_dim]: the mean (or the flattening) of the target row.
         """
         b = target_features.shape[0]
-        x = (self.align(target_features) + self.target_embedding).unsqueeze(1)
-        row_mask = None
+        x = (self.align(target_features) + self.target_embedding).unsqueeze(0)  # [1, B, T, d0]
+        mask = None
         if history is not None and history.shape[1] > 0:
             length = history.shape[1]
             if history.shape != (b, length, self.num_tokens, self.config.d0):
@@ -265,14 +254,19 @@ class SIFMixer(nn.Module):
                                  f" got {tuple(history.shape)}")
             if history_mask is None:
                 history_mask = torch.ones(b, length, dtype=torch.bool, device=history.device)
-            rows = self.history_rows(history, history_mask.bool(), recency, side)
-            x = torch.cat([x, rows.to(x.dtype)], dim=1)
-            row_mask = torch.cat([history_mask.new_ones(b, 1, dtype=torch.bool),
-                                  history_mask.bool()], dim=1)
+            # Steps that are padding in every sample are cut off (the default recency counts
+            # steps from the end, so then the span keeps the end).
+            history_mask, (history, recency, side), all_real = trim(
+                history_mask.bool(), history, recency, side, keep_end=recency is None)
+            rows = self.history_rows(history, history_mask, recency, side)
+            x = torch.cat([x, rows.to(x.dtype).transpose(0, 1)], dim=0)  # [R, B, T, d0]
+            if not all_real:
+                mask = sample_mask(torch.cat([history_mask.new_ones(b, 1), history_mask], 1),
+                                   self.num_tokens)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, row_mask, target_only=i == last)
-        target = self.norm(x[:, 0])  # [B, T, d0]
+            x = block.mix(x, mask, target_only=i == last)
+        target = self.norm(x[0])  # [B, T, d0]
         return target.mean(1) if self.config.pooling == "mean" else target.flatten(1)
 
 
@@ -330,10 +324,13 @@ class SIFMixerInteractionArch(nn.Module):
                               device=device)
         self.output_dim: int = self.mixer.output_dim
 
-    def target_tokens(self, dense_features: torch.Tensor,
-                      sparse_features: Union[torch.Tensor, KeyedTensor]) -> torch.Tensor:
+    def target_tokens(self, dense_features: torch.Tensor, sparse_features: SparseFeatures
+                      ) -> torch.Tensor:
         """The target row before alignment, [B, 1 + F, width] (narrower tokens zero-padded)."""
-        if isinstance(sparse_features, KeyedTensor):
+        if not isinstance(sparse_features, torch.Tensor):
+            # A KeyedTensor: torchrec is installed then; this module itself needs torch only.
+            from iat_torchrec.models.hgaq import keyed_columns
+
             names = self.feature_names or list(sparse_features.keys())
             sparse = keyed_columns(sparse_features, names, self.width)
         else:
@@ -347,7 +344,7 @@ class SIFMixerInteractionArch(nn.Module):
         return torch.cat([dense.unsqueeze(1), sparse], dim=1)
 
     def forward(self, dense_features: torch.Tensor,
-                sparse_features: Union[torch.Tensor, KeyedTensor],
+                sparse_features: SparseFeatures,
                 history: Optional[torch.Tensor] = None,
                 history_mask: Optional[torch.Tensor] = None,
                 recency: Optional[torch.Tensor] = None,
@@ -368,6 +365,7 @@ class SIFMixerInteractionArch(nn.Module):
 
 
 __all__: Sequence[str] = (
-    "SIFMixerConfig", "MultiHeadAttention", "SIFMixerBlock", "SIFMixer", "IATHistoryProjection",
+    "SIFMixerConfig", "MultiHeadAttention", "SIFMixerBlock", "sample_mask", "SIFMixer",
+    "IATHistoryProjection",
     "SIFMixerInteractionArch",
 )
