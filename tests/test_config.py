@@ -204,4 +204,4 @@ def test_a_finished_run_reruns_from_its_config_file(tmp_path):
     save_config(cfg, tmp_path / "config.json")
     assert load_config(PipelineConfig, tmp_path / "config.json") == cfg
     assert parse_config(PipelineConfig, ["--config", str(tmp_path / "config.json")]) == cfg
-    assert cfg.downstream.model.mixer.num_blocks == 2 and cfg.seeds == [4]
+    assert cfg.downstream.model.item_history_len == 128 and cfg.seeds == [4]
