@@ -392,7 +392,7 @@ class IATBranch(nn.Module):
 
 
 __all__: Sequence[str] = (
-    "LABEL_VOCAB_SIZE", "DEFAULT_GAP_VOCAB", "DINConfig", "BSTConfig", "IATBranchConfig", "masked_ids",
-    "zero_padding", "TransformerBlock",
+    "LABEL_VOCAB_SIZE", "DEFAULT_GAP_VOCAB", "DINConfig", "BSTConfig", "IATBranchConfig",
+    "masked_ids", "zero_padding", "TransformerBlock",
     "DINAttention", "BSTEncoder", "IATBranch",
 )

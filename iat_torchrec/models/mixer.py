@@ -32,11 +32,11 @@ Decisions where METHOD.md is silent:
   reach the output; row 0 is never masked, so no softmax is ever empty.
 - The last block computes sample attention and FFN for the target row only (the output reads
   nothing else), which saves most of that block's work and changes no result.
-- The blocks run on a rows-first tensor [L+1, B, T, d0], where the rows (token attention) and
-  the columns (sample attention) are both views (:mod:`iat_torchrec.models.attention`), and the
-  history steps that are padding in every sample of the batch are cut off first
-  (:func:`~iat_torchrec.models.padding.trim`); neither changes a result
-  (``iat_torchrec.models.reference`` keeps the earlier forward for the tests).
+- The history steps that are padding in every sample of the batch are cut off first
+  (:func:`~iat_torchrec.models.padding.trim`; without padding left, attention runs unmasked),
+  step ids are embedded by a row gather, and the last block projects queries for the target row
+  only; none changes a result (``iat_torchrec.models.reference`` keeps the earlier forward for
+  the tests).
 - Default heads: 2 (head size 8 at d0 = 16); GELU in the FFN; ``pooling="flatten"`` keeps the
   whole target row [B, T * d0] for an OverArch that wants more than the mean.
 """
@@ -117,34 +117,19 @@ class SIFMixerBlock(nn.Module):
     def forward(self, x: torch.Tensor, row_mask: Optional[torch.Tensor] = None,
                 target_only: bool = False) -> torch.Tensor:
         """x [B, R, T, d], row_mask [B, R] bool (True = real row; None = all real) ->
-        [B, R, T, d], or [B, 1, T, d] (row 0 only) with ``target_only``."""
-        b, r, t, _ = x.shape
-        return self.mix(x.transpose(0, 1).contiguous(), sample_mask(row_mask, t),
-                        target_only).transpose(0, 1)
-
-    def mix(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-            target_only: bool = False) -> torch.Tensor:
-        """The block on the rows-first layout: x [R, B, T, d] contiguous, mask [B * T, 1, 1, R]
-        (:func:`sample_mask`) -> [R, B, T, d], or [1, B, T, d] with ``target_only``. Rows
-        (over T) and columns (over R) are both views of x: no copy on the way in or out."""
-        r, b, t, d = x.shape
-        y = self.token_norm(x).view(r * b, t, d)
-        x = x + self.dropout(self.token_attention(y)).view(r, b, t, d)
-        y = self.sample_norm(x).view(r, b * t, d)
-        a = self.sample_attention(y, mask, num_queries=1 if target_only else None,
-                                  seq_first=True)
-        x = (x[:1] if target_only else x) + self.dropout(a).view(-1, b, t, d)
+        [B, R, T, d], or [B, 1, T, d] (row 0 only) with ``target_only``. The columns are
+        copied into contiguous sequences [B * T, R, d] for the sample attention (strided
+        columns measured slower at large batches)."""
+        b, r, t, d = x.shape
+        y = self.token_norm(x).view(b * r, t, d)
+        x = x + self.dropout(self.token_attention(y)).view(b, r, t, d)
+        y = self.sample_norm(x).transpose(1, 2).reshape(b * t, r, d)
+        mask = None
+        if row_mask is not None:
+            mask = row_mask.view(b, 1, 1, 1, r).expand(b, t, 1, 1, r).reshape(b * t, 1, 1, r)
+        a = self.sample_attention(y, mask, num_queries=1 if target_only else None)
+        x = (x[:, :1] if target_only else x) + self.dropout(a.view(b, t, -1, d).transpose(1, 2))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
-
-
-def sample_mask(row_mask: Optional[torch.Tensor], num_tokens: int) -> Optional[torch.Tensor]:
-    """row_mask [B, R] bool -> the sample attention's mask [B * T, 1, 1, R] (column (b, t)
-    reads sample b's rows), or None when every row is real."""
-    if row_mask is None:
-        return None
-    b, r = row_mask.shape
-    return row_mask.view(b, 1, 1, 1, r).expand(b, num_tokens, 1, 1, r).reshape(
-        b * num_tokens, 1, 1, r)
 
 
 class SIFMixer(nn.Module):
@@ -245,7 +230,7 @@ class SIFMixer(nn.Module):
             [B, output_dim]: the mean (or the flattening) of the target row.
         """
         b = target_features.shape[0]
-        x = (self.align(target_features) + self.target_embedding).unsqueeze(0)  # [1, B, T, d0]
+        x = (self.align(target_features) + self.target_embedding).unsqueeze(1)  # [B, 1, T, d0]
         mask = None
         if history is not None and history.shape[1] > 0:
             length = history.shape[1]
@@ -259,14 +244,13 @@ class SIFMixer(nn.Module):
             history_mask, (history, recency, side), all_real = trim(
                 history_mask.bool(), history, recency, side, keep_end=recency is None)
             rows = self.history_rows(history, history_mask, recency, side)
-            x = torch.cat([x, rows.to(x.dtype).transpose(0, 1)], dim=0)  # [R, B, T, d0]
+            x = torch.cat([x, rows.to(x.dtype)], dim=1)  # [B, R, T, d0]
             if not all_real:
-                mask = sample_mask(torch.cat([history_mask.new_ones(b, 1), history_mask], 1),
-                                   self.num_tokens)
+                mask = torch.cat([history_mask.new_ones(b, 1), history_mask], 1)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block.mix(x, mask, target_only=i == last)
-        target = self.norm(x[0])  # [B, T, d0]
+            x = block(x, mask, target_only=i == last)
+        target = self.norm(x[:, 0])  # [B, T, d0]
         return target.mean(1) if self.config.pooling == "mean" else target.flatten(1)
 
 
@@ -365,7 +349,6 @@ class SIFMixerInteractionArch(nn.Module):
 
 
 __all__: Sequence[str] = (
-    "SIFMixerConfig", "MultiHeadAttention", "SIFMixerBlock", "sample_mask", "SIFMixer",
-    "IATHistoryProjection",
+    "SIFMixerConfig", "MultiHeadAttention", "SIFMixerBlock", "SIFMixer", "IATHistoryProjection",
     "SIFMixerInteractionArch",
 )
