@@ -86,3 +86,9 @@ class HistoryBatch:
     def record_stream(self, stream: torch.Stream) -> None:
         for t in self.tensors():
             t.record_stream(stream)
+
+
+def steps_after(mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] int64: how many real steps follow each step (0 for the newest real step)."""
+    m = mask.long()
+    return m.flip(1).cumsum(1).flip(1) - m

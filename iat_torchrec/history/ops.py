@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from iat_torchrec.history.batch import LABEL_PAD, LABEL_UNKNOWN, HistoryBatch, HistoryLayout
+from iat_torchrec.history.batch import (LABEL_PAD, LABEL_UNKNOWN, HistoryBatch, HistoryLayout,
+                                        steps_after)
 
 
 class TimeIndexArrays(Protocol):
@@ -110,12 +111,6 @@ class HistoryMaterializer(nn.Module):
 
 
 # --------------------------------------------------------------------------- last k steps
-def steps_after(mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] int64: how many real steps follow each step (0 for the newest real step)."""
-    m = mask.long()
-    return m.flip(1).cumsum(1).flip(1) - m
-
-
 def last_steps_index(mask: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Where the last ``k`` real steps of each row sit: ``(index [B, k], valid [B, k])``, oldest
     first, left-aligned (``valid`` False and index 0 past the row's real steps); any mask."""

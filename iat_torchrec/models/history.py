@@ -49,13 +49,10 @@ import torch
 from torch import nn
 
 from iat_torchrec.models.attention import MultiHeadAttention
-from iat_torchrec.models.padding import embed, masked_ids, steps_after, trim, zero_padding
+from iat_torchrec.history.batch import LABEL_VOCAB_SIZE, HistoryLayout, steps_after
+from iat_torchrec.models.padding import embed, masked_ids, trim, zero_padding
 
-# The vocabularies of iat_torchrec.history (its LABEL_* values; HistoryLayout().gap_vocab_size),
-# written out because that package needs torchrec and this module torch only (a test checks
-# that they agree).
-LABEL_VOCAB_SIZE = 4
-DEFAULT_GAP_VOCAB = 20
+DEFAULT_GAP_VOCAB = HistoryLayout().gap_vocab_size
 BST_OUTPUTS = ("target", "mean")
 
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,11 @@ from torch import nn
 from iat_torchrec.models.attention import MultiHeadAttention
 from iat_torchrec.models.padding import embed, trim
 
+if TYPE_CHECKING:  # the annotation only: this module needs torch alone at run time
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
 POOLINGS = ("mean", "flatten")
-# [B, F, D], or a torchrec KeyedTensor of pooled embeddings (not imported: torch only here).
+# [B, F, D], or a torchrec KeyedTensor of pooled embeddings.
 SparseFeatures = Union[torch.Tensor, "KeyedTensor"]
 
 

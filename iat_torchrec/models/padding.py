@@ -27,12 +27,6 @@ def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.unsqueeze(-1), x, x.new_zeros(()))
 
 
-def steps_after(mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] int64: how many real steps follow each step (0 for the newest real step)."""
-    m = mask.long()
-    return m.flip(1).cumsum(1).flip(1) - m
-
-
 def real_span(mask: torch.Tensor, keep_end: bool = False) -> Tuple[slice, bool]:
     """The smallest span of steps that holds every real step of the batch (right-aligned
     histories: the leading all-padding steps cut off), and whether every step in it is real.
@@ -65,4 +59,4 @@ def trim(mask: torch.Tensor, *steps: Optional[torch.Tensor], keep_end: bool = Fa
     return mask[:, span], [None if x is None else x[:, span] for x in steps], all_real
 
 
-__all__: Sequence[str] = ("masked_ids", "embed", "zero_padding", "steps_after", "real_span", "trim")
+__all__: Sequence[str] = ("masked_ids", "embed", "zero_padding", "real_span", "trim")

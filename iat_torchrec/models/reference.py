@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iat_torchrec.models.padding import masked_ids, steps_after, zero_padding
+from iat_torchrec.history.batch import steps_after
+from iat_torchrec.models.padding import masked_ids, zero_padding
 
 
 def attention(attn: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
