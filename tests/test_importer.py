@@ -45,7 +45,8 @@ def write_csv(tmp_path: Path, text: str, name: str = "log.csv") -> Path:
 def test_csv_round_trip(tmp_path, spec_file):
     src = write_csv(tmp_path, CSV_TEXT)
     (tmp_path / "LICENSE").write_text("my licence\n")
-    summary = import_log(src, spec_file, tmp_path / "out", user_column="userId", ts_column="time")
+    summary = import_log(src, spec_file, tmp_path / "out", user_column="userId",
+                         ts_column="time").log
     assert summary.rows == 4 and summary.users == 2 and summary.time_sorted
     t = read_log(tmp_path / "out")
     assert t.schema == arrow_schema(SPEC)
@@ -115,7 +116,7 @@ def test_parquet_directory(tmp_path, spec_file, shuffle):
     src.mkdir()
     pq.write_table(t.slice(0, 600), src / "a.parquet", row_group_size=128)
     pq.write_table(t.slice(600), src / "b.parquet", row_group_size=128)
-    summary = import_log(src, spec_file, tmp_path / "out", user_column="user")
+    summary = import_log(src, spec_file, tmp_path / "out", user_column="user").log
     assert summary.rows == 1000 and summary.time_sorted
     out = read_log(tmp_path / "out")
     order = np.lexsort((t["instance_id"].to_numpy(), t["ts"].to_numpy()))
@@ -146,7 +147,7 @@ def test_config_names_match_the_library(tmp_path, spec_file):
                                       "--ts_column", "time", "--rename", "a=b", "c=d"])
     assert cfg.rename == ["a=b", "c=d"]
     cfg.rename = []
-    assert import_log(**dataclasses.asdict(cfg)).rows == 4
+    assert import_log(**dataclasses.asdict(cfg)).log.rows == 4
 
 
 # --------------------------------------------------------------------------- errors

@@ -6,16 +6,22 @@ columns are labels, sparse and dense fields. The importer renames the key column
 (``"3|17|4"``, empty = no ids), casts every column to the canonical schema (int64 ids and seconds,
 0/1 labels, float32 dense), assigns ``instance_id`` by ``(ts, user_id)`` order when the source has
 none, writes the rows sorted by ``(ts, instance_id)`` through :class:`LogWriter` (atomically), and
-finally runs :func:`validate_log` on the output and returns its summary.
+finally runs :func:`validate_log` on the output.
 
-Hashed sparse fields are left as raw int64 ids (the reader hashes them into buckets); the ids of
-the other sparse fields must already lie in ``[0, num_embeddings)``.
+Ids (:mod:`iat_torchrec.data.vocab`): a field with ``vocabulary`` maps its raw ids (text or any
+integer) through a vocabulary built on the training window (the first ``vocab_fraction`` of the
+rows in time order), or reused from an earlier import (``vocab_from``); ids it lacks get the
+unknown id 0 and are counted. A hashed field keeps integer ids raw and turns other text into
+:func:`stable_hash64` (the reader maps raw ids into buckets). Other sparse fields need integer
+ids in ``[0, num_embeddings)``. User ids given as text go through a growing user vocabulary.
+The vocabularies and the dense means used are saved in the log's ``vocab/`` folder.
 
-Memory: a CSV source is read whole, once. A Parquet source is read twice one row group at a time:
-first its key columns only (24 bytes a row) to find the order, then, when it is already in
-``(ts, instance_id)`` order (or ``(ts, user_id)`` order when instance ids are assigned), every row
-group is converted and written as it is read. A Parquet source in any other order is converted
-into memory whole and sorted before writing.
+Missing values follow each field's ``missing`` policy (:class:`Missing`); without one they are an
+error. The :class:`ImportReport` counts unknown ids and filled values per field.
+
+Memory: the key columns (24 bytes a row) are read first to find the order; when the source is
+already in that order every part (the CSV, read whole, or a Parquet row group) is converted and
+written as it is read, else the converted source is held whole and sorted before writing.
 
 Errors (:class:`SourceFormatError`) name the file, the column and the row (for CSV, the line).
 """
@@ -33,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from iat_torchrec.data.log import (
     DEFAULT_ROWS_PER_FILE,
@@ -41,13 +48,20 @@ from iat_torchrec.data.log import (
     license_files,
     validate_log,
 )
-from iat_torchrec.data.spec import INSTANCE_ID, TS, USER_ID, FeatureSpec, SparseField
+from iat_torchrec.config import ConfigError
+from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.data.spec import (INSTANCE_ID, TS, USER_ID, DenseField, FeatureSpec, Missing,
+                                    SparseField)
+from iat_torchrec.data.vocab import (VOCAB_DIR, KeyCounter, Vocabulary, as_keys,
+                                     load_vocabularies, save_vocabularies, stable_hash64)
 
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
     "SourceFormatError",
     "ImportConfig",
+    "ImportReport",
+    "output_spec",
     "check_output_path",
     "import_log",
     "read_delimited",
@@ -214,11 +228,11 @@ def check_output_path(source: Path, output: Path) -> None:
     so that writing (or overwriting) the output can never touch the source."""
     s, o = source.resolve(), output.resolve()
     if s == o:
-        raise ValueError(f"{output}: the output must differ from the source")
+        raise ConfigError(f"{output}: the output must differ from the source")
     if source.is_dir() and o.is_relative_to(s):
-        raise ValueError(f"{output}: the output must not lie inside the source directory")
+        raise ConfigError(f"{output}: the output must not lie inside the source directory")
     if s.is_relative_to(o):
-        raise ValueError(f"{output}: the output must not contain the source {source}")
+        raise ConfigError(f"{output}: the output must not contain the source {source}")
 
 
 # =========================================================================== configuration
@@ -250,6 +264,12 @@ class ImportConfig:
     extra_files: List[str] = dataclasses.field(default_factory=list, metadata={
         "help": "files (licence, readme) to copy beside the log, in addition to LICENSE*/README* "
                 "files found beside the source"})
+    vocab_from: str = dataclasses.field(default="", metadata={
+        "help": "a log imported before: reuse its vocabularies and dense means (vocab/) so that "
+                "the same raw id gets the same row; user ids it lacks are appended"})
+    vocab_fraction: float = dataclasses.field(default=1.0, metadata={
+        "help": "the training window: vocabularies and dense means are built on this first "
+                "fraction of the rows in time order (set it to the train split's fraction)"})
 
 
 _TS_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
@@ -326,22 +346,33 @@ def _to_int64(arr: pa.Array, where: _Where, column: str, what: str = "an integer
     raise where.error(f"expected {what}, got values of type {t}", column, 0)
 
 
+_TS_TEXT_TYPES = (pa.int64(), *(pa.timestamp(u, tz) for u in ("s", "ns") for tz in (None, "UTC")))
+
+
 def _to_ts(arr: pa.Array, where: _Where, unit: int) -> np.ndarray:
-    """Timestamps -> int64 seconds (numeric values in ``unit`` per second; floors fractions)."""
+    """Timestamps -> int64 seconds: numbers in ``unit`` per second (fractions floored), Arrow
+    timestamps and dates, or ISO-8601 text (``2024-05-01T12:00:00``, read as UTC, or with an
+    offset or ``Z``)."""
     _null_check(arr, where, TS, "a timestamp")
     t = arr.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        arr = pc.utf8_trim_whitespace(arr)
+        for to in _TS_TEXT_TYPES:
+            try:
+                arr = pc.cast(arr, to)
+                break
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue
+        else:
+            arr = _strings_to(arr, pa.float64(), where, TS, "a timestamp (a number of seconds, "
+                              "or ISO-8601 such as 2024-05-01T12:00:00)")
+        t = arr.type
     if pa.types.is_timestamp(t):
         per_s = _TS_UNITS[t.unit]
         x = arr.cast(pa.int64()).to_numpy(zero_copy_only=False)
         return np.floor_divide(x, per_s)
     if pa.types.is_date(t):
         return arr.cast(pa.timestamp("s")).cast(pa.int64()).to_numpy(zero_copy_only=False)
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        try:
-            arr = pc.cast(pc.utf8_trim_whitespace(arr), pa.int64())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            arr = _strings_to(arr, pa.float64(), where, TS, "a timestamp")
-        t = arr.type
     if pa.types.is_floating(t) or pa.types.is_decimal(t):
         x = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
         if not np.isfinite(x).all():
@@ -376,56 +407,59 @@ def _to_label(arr: pa.Array, where: _Where, column: str) -> np.ndarray:
     return x.astype(np.int8)
 
 
-def _to_dense(arr: pa.Array, where: _Where, column: str) -> np.ndarray:
-    _null_check(arr, where, column, "a finite number")
+def _dense_values(arr: pa.Array, where: _Where, column: str) -> Tuple[np.ndarray, np.ndarray]:
+    """A dense column as float64 and its mask of missing values (empty, null or NaN)."""
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         arr = _strings_to(arr, pa.float64(), where, column, "a number")
     try:
-        x = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        x = arr.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False).copy()
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         raise where.error(f"expected a number, got values of type {arr.type}", column, 0) from None
-    bad = ~np.isfinite(x) | (np.abs(x) > np.finfo(np.float32).max)
+    missing = np.isnan(x)
+    bad = ~missing & (~np.isfinite(x) | (np.abs(x) > np.finfo(np.float32).max))
     if bad.any():
         i = _first(bad)
         raise where.error(f"{float(x[i])!r} is not a finite float32", column, i)
-    return x.astype(np.float32)
+    return x, missing
+
+
+def _missing_error(where: _Where, column: str, index: int, what: str, hint: str) -> Exception:
+    return where.error(f"missing value (empty, null or NaN), expected {what}; {hint}", column,
+                       index)
 
 
 def _check_ids(ids: np.ndarray, f: SparseField, where: _Where, row_of: Callable[[int], int]) -> None:
-    if f.hashed or ids.size == 0:
+    if f.hashed or f.vocabulary or ids.size == 0:
         return
     bad = (ids < 0) | (ids >= f.num_embeddings)
     if bad.any():
         i = _first(bad)
         raise where.error(f"id {ids[i]} outside the vocabulary [0, {f.num_embeddings}) declared by "
-                          "the feature spec (raise num_embeddings or mark the field hashed)",
-                          f.name, row_of(i))
+                          "the feature spec (raise num_embeddings, mark the field hashed or give "
+                          "it a vocabulary)", f.name, row_of(i))
 
 
-def _to_list(arr: pa.Array, f: SparseField, where: _Where, list_delimiter: str) -> pa.Array:
-    """A multi-valued field: a list column, delimiter-separated id strings, or single ids."""
+def _list_tokens(arr: pa.Array, f: SparseField, where: _Where,
+                 list_delimiter: str) -> Tuple[pa.Array, np.ndarray, np.ndarray]:
+    """A multi-valued field's ids (a list column, delimiter-separated text, or single ids):
+    the flat values, the row of each and the number per row."""
     t = arr.type
     if pa.types.is_dictionary(t):
         arr, t = arr.dictionary_decode(), t.value_type
     n = len(arr)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
-        arr = arr.fill_null("")
-        parts = pc.split_pattern(arr, pattern=list_delimiter)
+        parts = pc.split_pattern(arr.fill_null(""), pattern=list_delimiter)
         lengths = pc.list_value_length(parts).to_numpy(zero_copy_only=False).astype(np.int64)
         flat = pc.utf8_trim_whitespace(pc.list_flatten(parts))
         keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
-        rows = np.repeat(np.arange(n), lengths)
+        rows = np.repeat(np.arange(n), lengths)[keep]
         flat = flat.filter(pa.array(keep))
-        rows = rows[keep]
-        lengths = np.bincount(rows, minlength=n).astype(np.int64)
-        try:
-            values = pc.cast(flat, pa.int64()).to_numpy(zero_copy_only=False)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if not (f.vocabulary or f.hashed) and len(flat):
             i = _first_bad_cast(flat, pa.int64())
-            i = 0 if i is None else i
-            raise where.error(f"expected integer ids separated by {list_delimiter!r}, got "
-                              f"{flat[i].as_py()!r} in {arr[int(rows[i])].as_py()!r}",
-                              f.name, int(rows[i])) from None
+            if i is not None:
+                raise where.error(f"expected integer ids separated by {list_delimiter!r}, got "
+                                  f"{flat[i].as_py()!r} in {arr[int(rows[i])].as_py()!r}",
+                                  f.name, int(rows[i]))
     elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         lengths = pc.list_value_length(arr).fill_null(0).to_numpy(
             zero_copy_only=False).astype(np.int64)
@@ -433,20 +467,110 @@ def _to_list(arr: pa.Array, f: SparseField, where: _Where, list_delimiter: str) 
         rows = np.repeat(np.arange(n), lengths)
         if flat.null_count:
             i = _first(flat.is_null().to_numpy(zero_copy_only=False))
-            raise where.error("null id inside a list, expected int64 ids", f.name, int(rows[i]))
-        values = _to_int64(flat, where.mapped(rows), f.name)
+            raise where.error("null id inside a list, expected ids", f.name, int(rows[i]))
     else:  # single ids given for a multi-valued field: one-element lists (null = empty)
         valid = arr.is_valid().to_numpy(zero_copy_only=False)
-        lengths = valid.astype(np.int64)
         rows = np.flatnonzero(valid)
-        values = _to_int64(arr.filter(pa.array(valid)), where, f.name) if rows.size else \
-            np.zeros(0, np.int64)
-    _check_ids(values, f, where, lambda i: int(rows[i]))
+        flat = arr.filter(pa.array(valid))
+    return flat, rows, np.bincount(rows, minlength=n).astype(np.int64)
+
+
+def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.Array:
+    n = lengths.size
     offsets = np.zeros(n + 1, dtype=np.int32 if values.size < 2 ** 31 else np.int64)
     np.cumsum(lengths, out=offsets[1:])
     list_type = pa.list_(pa.int64()) if offsets.dtype == np.int32 else pa.large_list(pa.int64())
     return pa.Array.from_buffers(list_type, n, [None, pa.py_buffer(offsets)],
                                  children=[pa.array(values, pa.int64())])
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+# Text of up to 18 digits always fits int64: a hashed field reads it as that integer.
+_INTEGER_TEXT = r"^[+-]?[0-9]{1,18}$"
+
+
+# =========================================================================== id mapping
+@dataclasses.dataclass
+class ImportReport:
+    """What an import did beyond the log itself: vocabulary sizes, ids mapped to the unknown id
+    because the vocabulary lacks them, and missing values filled, per column."""
+
+    log: LogSummary
+    vocabulary_sizes: Dict[str, int] = dataclasses.field(default_factory=dict)
+    unknown_ids: Dict[str, int] = dataclasses.field(default_factory=dict)
+    missing_filled: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def format(self) -> str:
+        def line(title: str, items: Dict[str, int]) -> List[str]:
+            return [f"  {title}: " + "  ".join(f"{k}={v:,}" for k, v in items.items())] \
+                if items else []
+
+        return "\n".join([self.log.format(), *line("vocabulary rows", self.vocabulary_sizes),
+                          *line("ids not in the vocabulary (-> unknown id)", self.unknown_ids),
+                          *line("missing values filled", self.missing_filled)])
+
+
+@dataclasses.dataclass
+class _Codes:
+    """How raw values become stored ones: vocabularies (per vocabulary field, and ``user_id``
+    when user ids are text), dense fill values; and the counts for the report."""
+
+    vocabularies: Dict[str, Vocabulary]
+    fill: Dict[str, float]
+    means: Dict[str, float]
+    unknown: Dict[str, int] = dataclasses.field(default_factory=dict)
+    filled: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def count(self, counts: Dict[str, int], name: str, k: int) -> None:
+        if k:
+            counts[name] = counts.get(name, 0) + int(k)
+
+
+def _sparse_ids(values: pa.Array, f: SparseField, codes: _Codes, where: _Where) -> np.ndarray:
+    """One sparse field's values (single ids or a list's flat ids; ``where`` maps them to rows)
+    -> int64 ids: through the vocabulary, hashed text, or the integers themselves."""
+    if not (f.vocabulary or (f.hashed and _is_text(values.type))):
+        ids = _to_int64(values, where, f.name)
+        _check_ids(ids, f, where, lambda i: i)
+        return ids
+    keys = as_keys(values)
+    missing = pc.or_kleene(keys.is_null(), pc.equal(keys, "")).fill_null(True).to_numpy(
+        zero_copy_only=False)
+    if missing.any():
+        if f.missing is not Missing.UNKNOWN:
+            raise _missing_error(where, f.name, _first(missing), "an id",
+                                 "declare \"missing\": \"unknown\" for the field in the spec to "
+                                 "map it to the unknown id")
+        codes.count(codes.filled, f.name, missing.sum())
+    if f.vocabulary:
+        ids, unseen = codes.vocabularies[f.name].lookup(keys)
+        codes.count(codes.unknown, f.name, (unseen & ~missing).sum())
+        return ids
+    keys = keys.fill_null("")
+    integer = pc.match_substring_regex(keys, _INTEGER_TEXT).to_numpy(zero_copy_only=False)
+    ids = stable_hash64(keys)
+    if integer.any():
+        ids[integer] = pc.cast(keys.filter(pa.array(integer)), pa.int64()).to_numpy()
+    return ids
+
+
+def _dense_column(arr: pa.Array, f: DenseField, codes: _Codes,
+                  where: _Where) -> Tuple[np.ndarray, np.ndarray]:
+    """float32 values (missing ones filled by the field's policy) and the missing mask."""
+    x, missing = _dense_values(arr, where, f.name)
+    if missing.any():
+        if f.missing is Missing.ERROR:
+            raise _missing_error(where, f.name, _first(missing), "a finite number",
+                                 "declare \"missing\": \"mean\" or \"constant\" (with "
+                                 "\"fill_value\") for the field in the spec to fill it")
+        x[missing] = codes.fill[f.name]
+        codes.count(codes.filled, f.name, missing.sum())
+    return x.astype(np.float32), missing
 
 
 # =========================================================================== the importer
@@ -459,16 +583,32 @@ class _Plan:
     list_delimiter: str
 
 
+def output_spec(spec: FeatureSpec, vocabulary_sizes: Dict[str, int]) -> FeatureSpec:
+    """The spec of the imported log: vocabulary fields sized to their vocabularies, a 0/1 dense
+    field ``<name>_missing`` after each dense field that asks for one, no missing policies (the
+    log has no missing values)."""
+    sparse = [dataclasses.replace(f, missing=Missing.ERROR,
+                                  num_embeddings=vocabulary_sizes.get(f.name, f.num_embeddings))
+              for f in spec.sparse]
+    dense: List[DenseField] = []
+    for f in spec.dense:
+        dense.append(dataclasses.replace(f, missing=Missing.ERROR, fill_value=0.0,
+                                         missing_indicator=False))
+        if f.missing_indicator:
+            dense.append(DenseField(f.indicator_name, group=f.group))
+    return dataclasses.replace(spec, sparse=sparse, dense=dense)
+
+
 def _rename_map(user_column: str, ts_column: str, instance_id_column: str,
                 rename: Sequence[str]) -> Dict[str, str]:
     """canonical (target) name -> source name."""
     out = {USER_ID: user_column, TS: ts_column, INSTANCE_ID: instance_id_column}
     for item in rename:
         if "=" not in item:
-            raise ValueError(f"rename {item!r}: expected SOURCE=TARGET")
+            raise ConfigError(f"rename {item!r}: expected SOURCE=TARGET")
         src, dst = (s.strip() for s in item.split("=", 1))
         if not src or not dst:
-            raise ValueError(f"rename {item!r}: expected SOURCE=TARGET")
+            raise ConfigError(f"rename {item!r}: expected SOURCE=TARGET")
         out[dst] = src
     return out
 
@@ -487,13 +627,29 @@ def _plan(path: Path, source_columns: Sequence[str], spec: FeatureSpec,
         raise SourceFormatError(path, f"missing {what} required by the feature spec{hint}; "
                                       f"the source has columns {list(source_columns)}")
     if ts_unit not in _TS_UNITS:
-        raise ValueError(f"ts_unit {ts_unit!r}: expected one of {sorted(_TS_UNITS)}")
+        raise ConfigError(f"ts_unit {ts_unit!r}: expected one of {sorted(_TS_UNITS)}")
     if not list_delimiter:
-        raise ValueError("list_delimiter must not be empty")
+        raise ConfigError("list_delimiter must not be empty")
     return _Plan(spec, source_of, has_iid, _TS_UNITS[ts_unit], list_delimiter)
 
 
-def _convert(table: pa.Table, plan: _Plan, where: _Where) -> pa.Table:
+def _user_keys(arr: pa.Array, where: _Where) -> pa.Array:
+    keys = as_keys(arr)
+    empty = pc.or_kleene(keys.is_null(), pc.equal(keys, "")).fill_null(True).to_numpy(
+        zero_copy_only=False)
+    if empty.any():
+        raise where.error("missing value (empty or null), expected a user id", USER_ID,
+                          _first(empty))
+    return keys
+
+
+def _users(arr: pa.Array, codes: _Codes, where: _Where) -> np.ndarray:
+    if USER_ID in codes.vocabularies:
+        return codes.vocabularies[USER_ID].lookup(_user_keys(arr, where))[0]
+    return _to_int64(arr, where, USER_ID, "an integer user id")
+
+
+def _convert(table: pa.Table, plan: _Plan, codes: _Codes, where: _Where) -> pa.Table:
     """Source table (source names) -> canonical table (instance_id taken or left as -1)."""
     def col(name: str) -> pa.Array:
         return table[plan.source_of[name]].combine_chunks()
@@ -504,8 +660,7 @@ def _convert(table: pa.Table, plan: _Plan, where: _Where) -> pa.Table:
         out[INSTANCE_ID] = pa.array(_to_int64(col(INSTANCE_ID), where, INSTANCE_ID), pa.int64())
     else:
         out[INSTANCE_ID] = pa.array(np.full(n, -1, np.int64))
-    out[USER_ID] = pa.array(_to_int64(col(USER_ID), where, USER_ID, "an integer user id"),
-                            pa.int64())
+    out[USER_ID] = pa.array(_users(col(USER_ID), codes, where), pa.int64())
     ts = _to_ts(col(TS), where, plan.ts_unit)
     _check_ts(ts, where)
     out[TS] = pa.array(ts, pa.int64())
@@ -513,13 +668,17 @@ def _convert(table: pa.Table, plan: _Plan, where: _Where) -> pa.Table:
         out[name] = pa.array(_to_label(col(name), where, name), pa.int8())
     for f in plan.spec.sparse:
         if f.multi_valued:
-            out[f.name] = _to_list(col(f.name), f, where, plan.list_delimiter)
+            flat, rows, lengths = _list_tokens(col(f.name), f, where, plan.list_delimiter)
+            ids = _sparse_ids(flat, f, codes, where.mapped(rows)) if len(flat) else \
+                np.zeros(0, np.int64)
+            out[f.name] = _list_array(ids, lengths)
         else:
-            ids = _to_int64(col(f.name), where, f.name)
-            _check_ids(ids, f, where, lambda i: i)
-            out[f.name] = pa.array(ids, pa.int64())
+            out[f.name] = pa.array(_sparse_ids(col(f.name), f, codes, where), pa.int64())
     for f in plan.spec.dense:
-        out[f.name] = pa.array(_to_dense(col(f.name), where, f.name), pa.float32())
+        x, missing = _dense_column(col(f.name), f, codes, where)
+        out[f.name] = pa.array(x, pa.float32())
+        if f.missing_indicator:
+            out[f.indicator_name] = pa.array(missing.astype(np.float32))
     return pa.table(out)
 
 
@@ -579,21 +738,101 @@ def _source_kind(path: Path) -> str:
                                   ".parquet file or a directory of .parquet files")
 
 
+class _Source:
+    """The source as parts (a CSV file: one table; Parquet: its row groups), each with the
+    :class:`_Where` that names its rows; read once per pass."""
+
+    def __init__(self, src: Path, kind: str, spec: FeatureSpec, names: Dict[str, str],
+                 ts_unit: str, list_delimiter: str, csv_delimiter: str) -> None:
+        self.csv_lines = kind == "csv"
+        if self.csv_lines:
+            self.files = [src]
+            header = _header(src, csv_delimiter, "utf8")
+            self.plan = _plan(src, header, spec, names, ts_unit, list_delimiter)
+            # Multi-valued and vocabulary fields are read as text (their keys are the text as
+            # given); the rest is inferred, then cast.
+            types = {self.plan.source_of[f.name]: pa.string() for f in spec.sparse
+                     if f.multi_valued or f.vocabulary}
+            self._table = read_delimited(src, delimiter=csv_delimiter, include=self.columns,
+                                         column_types=types)
+            self.rows = self._table.num_rows
+            self.group_starts = np.array([0, self.rows], np.int64)
+            return
+        self.files = _parquet_files(src)
+        self._pfs = [_open(f) for f in self.files]
+        self.plan = _plan(self.files[0], self._pfs[0].schema_arrow.names, spec, names, ts_unit,
+                          list_delimiter)
+        iid_column = self.plan.source_of[INSTANCE_ID]
+        for f, pf in zip(self.files[1:], self._pfs[1:]):
+            _plan(f, pf.schema_arrow.names, spec, names, ts_unit, list_delimiter)
+            if (iid_column in pf.schema_arrow.names) != self.plan.has_instance_id:
+                raise SourceFormatError(f, f"column {iid_column!r} is in some source files but "
+                                           "not in others")
+        self._groups = [(fi, g, base) for fi, pf in enumerate(self._pfs)
+                        for g, base in zip(range(pf.num_row_groups), np.cumsum(
+                            [0] + [pf.metadata.row_group(g).num_rows
+                                   for g in range(pf.num_row_groups)]).tolist())]
+        sizes = [self._pfs[fi].metadata.row_group(g).num_rows for fi, g, _ in self._groups]
+        self.group_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.rows = int(self.group_starts[-1])
+
+    @property
+    def columns(self) -> List[str]:
+        """The source columns the spec reads."""
+        return [self.plan.source_of[c] for c in self.plan.spec.columns
+                if c != INSTANCE_ID or self.plan.has_instance_id]
+
+    def column_type(self, canonical: str) -> pa.DataType:
+        name = self.plan.source_of[canonical]
+        schema = self._table.schema if self.csv_lines else self._pfs[0].schema_arrow
+        return schema.field(name).type
+
+    def parts(self, canonical: Sequence[str],
+              progress: Optional[tqdm] = None) -> Iterator[Tuple[int, pa.Table, _Where]]:
+        """(first global row, table of the source columns of ``canonical``, where) per part."""
+        cols = [self.plan.source_of[c] for c in canonical]
+        if self.csv_lines:
+            yield 0, self._table.select(cols), _Where(self.files[0], csv_lines=True)
+            if progress is not None:
+                progress.update(self.rows)
+            return
+        for start, (fi, g, base) in zip(self.group_starts, self._groups):
+            try:
+                t = self._pfs[fi].read_row_group(g, columns=cols)
+            except (OSError, pa.ArrowException) as e:
+                raise SourceFormatError(self.files[fi], f"unreadable Parquet data in row group "
+                                                        f"{g} ({e})") from None
+            yield int(start), t, _Where(self.files[fi], csv_lines=False, base=base)
+            if progress is not None:
+                progress.update(t.num_rows)
+
+    def locate(self, i: int) -> Tuple[Path, int]:
+        """(file, row in that file) of global row ``i``."""
+        if self.csv_lines:
+            return self.files[0], i
+        k = int(np.searchsorted(self.group_starts, i, side="right") - 1)
+        fi, _, base = self._groups[k]
+        return self.files[fi], base + i - int(self.group_starts[k])
+
+
 def import_log(source: PathLike, spec: Union[PathLike, FeatureSpec], output: PathLike, *,
                overwrite: bool = False, user_column: str = USER_ID, ts_column: str = TS,
                instance_id_column: str = INSTANCE_ID, ts_unit: str = "s",
                list_delimiter: str = "|", csv_delimiter: str = ",",
                rename: Sequence[str] = (), extra_files: Sequence[PathLike] = (),
-               rows_per_file: int = DEFAULT_ROWS_PER_FILE) -> LogSummary:
+               vocab_from: str = "", vocab_fraction: float = 1.0,
+               rows_per_file: int = DEFAULT_ROWS_PER_FILE) -> ImportReport:
     """Import ``source`` (CSV, Parquet file, or directory of Parquet files) as an instance log.
 
     Keyword names match :class:`ImportConfig` (``import_log(**dataclasses.asdict(cfg))``).
-    Returns :func:`validate_log`'s summary of the written log.
+    Returns the :class:`ImportReport`, with :func:`validate_log`'s summary of the written log.
     """
     src = Path(source)
     out = Path(output)
     feature_spec = spec if isinstance(spec, FeatureSpec) else FeatureSpec.load(spec)
     check_output_path(src, out)
+    if not 0.0 < vocab_fraction <= 1.0:
+        raise ConfigError(f"vocab_fraction {vocab_fraction}: expected a fraction in (0, 1]")
     names = _rename_map(user_column, ts_column, instance_id_column, rename)
     kind = _source_kind(src)
     carried = [*license_files(src), *(Path(f) for f in extra_files)]
@@ -601,140 +840,132 @@ def import_log(source: PathLike, spec: Union[PathLike, FeatureSpec], output: Pat
         carried.remove(src)
     for f in carried:
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: extra file not found")
+            raise SourceFormatError(f, "extra file not found")
     # Unique by name: a later file of the same name would overwrite an earlier one.
     carried = list({f.name: f for f in carried}.values())
-    writer_kwargs = dict(overwrite=overwrite, rows_per_file=rows_per_file, extra_files=carried,
-                         provenance={"source": "import", "path": str(src.resolve()),
-                                     "user_column": user_column, "ts_column": ts_column,
-                                     "instance_id_column": instance_id_column,
-                                     "ts_unit": ts_unit, "rename": list(rename)})
+    saved, saved_means = load_vocabularies(vocab_from) if vocab_from else ({}, {})
+    provenance = {"source": "import", "path": str(src.resolve()), "user_column": user_column,
+                  "ts_column": ts_column, "instance_id_column": instance_id_column,
+                  "ts_unit": ts_unit, "rename": list(rename),
+                  "vocab_from": str(Path(vocab_from).resolve()) if vocab_from else "",
+                  "vocab_fraction": vocab_fraction}
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        source_ = _Source(src, kind, feature_spec, names, ts_unit, list_delimiter, csv_delimiter)
+        vocabulary_fields = {f.name for f in feature_spec.sparse if f.vocabulary}
+        codes = _Codes({k: v for k, v in saved.items()
+                        if k == USER_ID or k in vocabulary_fields}, {}, dict(saved_means))
+        order, assigned = _key_pass(source_, codes)
+        train = np.zeros(source_.rows, bool)
+        train[order[:int(np.ceil(vocab_fraction * source_.rows))]] = True
+        _training_pass(source_, codes, train)
+        sizes = {k: len(v) for k, v in codes.vocabularies.items()}
+        final_spec = output_spec(feature_spec, sizes)
+        with LogWriter(tmp, final_spec, rows_per_file=rows_per_file, extra_files=carried,
+                       provenance=provenance) as w:
+            _write(source_, codes, order, assigned, w)
+        if codes.vocabularies or codes.means:
+            save_vocabularies(tmp / VOCAB_DIR, codes.vocabularies, codes.means)
+    return ImportReport(validate_log(out, final_spec), sizes, codes.unknown, codes.filled)
 
-    if kind == "csv":
-        _import_csv(src, feature_spec, names, ts_unit, list_delimiter, csv_delimiter, out,
-                    writer_kwargs)
-    else:
-        _import_parquet(src, feature_spec, names, ts_unit, list_delimiter, out, writer_kwargs)
-    return validate_log(out, feature_spec)
+
+def _key_pass(source: _Source, codes: _Codes) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Read the key columns: build the user vocabulary when user ids are text (or a saved one
+    exists), check instance ids; returns the write order and the assigned instance ids (None
+    when the source has its own)."""
+    plan = source.plan
+    keys = [INSTANCE_ID, USER_ID, TS] if plan.has_instance_id else [USER_ID, TS]
+    text_users = USER_ID in codes.vocabularies or _is_text(source.column_type(USER_ID))
+    ts_parts, user_parts, iid_parts = [], [], []
+    for _, t, where in source.parts(keys):
+        ts = _to_ts(t[plan.source_of[TS]].combine_chunks(), where, plan.ts_unit)
+        _check_ts(ts, where)
+        ts_parts.append(ts)
+        users = t[plan.source_of[USER_ID]].combine_chunks()
+        user_parts.append(pc.dictionary_encode(_user_keys(users, where)) if text_users
+                          else _to_int64(users, where, USER_ID, "an integer user id"))
+        if plan.has_instance_id:
+            iid_parts.append(_to_int64(t[plan.source_of[INSTANCE_ID]].combine_chunks(), where,
+                                       INSTANCE_ID))
+    if text_users:
+        vocab = Vocabulary.growing(pa.concat_arrays([p.dictionary for p in user_parts]),
+                                   codes.vocabularies.get(USER_ID))
+        codes.vocabularies[USER_ID] = vocab
+        user_parts = [vocab.lookup(p.dictionary)[0][p.indices.to_numpy()] for p in user_parts]
+    ts_all = np.concatenate(ts_parts) if ts_parts else np.zeros(0, np.int64)
+    users = np.concatenate(user_parts) if user_parts else np.zeros(0, np.int64)
+    iid = np.concatenate(iid_parts) if plan.has_instance_id and iid_parts else None
+    order = _order(ts_all, users, iid)
+    if iid is not None:
+        _check_unique(iid[order], order, source.locate, source.csv_lines)
+        return order, None
+    assigned = np.empty(source.rows, np.int64)
+    assigned[order] = np.arange(source.rows, dtype=np.int64)
+    return order, assigned
+
+
+def _training_pass(source: _Source, codes: _Codes, train: np.ndarray) -> None:
+    """Build the vocabularies and dense means not given by ``--vocab_from`` on the training
+    rows; set every dense fill value."""
+    spec, plan = source.plan.spec, source.plan
+    to_count = [f for f in spec.sparse if f.vocabulary and f.name not in codes.vocabularies]
+    to_mean = [f for f in spec.dense if f.missing is Missing.MEAN and f.name not in codes.means]
+    counters = {f.name: KeyCounter() for f in to_count}
+    sums = {f.name: [0.0, 0] for f in to_mean}
+    if to_count or to_mean:
+        for start, t, where in source.parts([f.name for f in (*to_count, *to_mean)]):
+            rows = train[start:start + t.num_rows]
+            for f in to_count:
+                arr = t[plan.source_of[f.name]].combine_chunks()
+                if f.multi_valued:
+                    flat, at, _ = _list_tokens(arr, f, where, plan.list_delimiter)
+                    counters[f.name].add(as_keys(flat).filter(pa.array(rows[at])))
+                else:
+                    counters[f.name].add(as_keys(arr).filter(pa.array(rows)))
+            for f in to_mean:
+                x, missing = _dense_values(t[plan.source_of[f.name]].combine_chunks(), where,
+                                           f.name)
+                keep = rows & ~missing
+                sums[f.name][0] += float(x[keep].sum())
+                sums[f.name][1] += int(keep.sum())
+    for f in to_count:
+        codes.vocabularies[f.name] = Vocabulary.build(counters[f.name].counts(), f.min_count,
+                                                      f.num_embeddings)
+    for f in to_mean:
+        total, n = sums[f.name]
+        if n == 0:
+            raise SourceFormatError(source.files[0], "no value in the training window to take the "
+                                                     "mean of", column=f.name)
+        codes.means[f.name] = total / n
+    for f in spec.dense:
+        if f.missing is not Missing.ERROR:
+            codes.fill[f.name] = codes.means[f.name] if f.missing is Missing.MEAN else f.fill_value
 
 
 _WRITE_CHUNK = 1_000_000
 
 
-def _write_sorted(table: pa.Table, order: np.ndarray, out: Path, spec: FeatureSpec,
-                  writer_kwargs: dict) -> None:
-    with LogWriter(out, spec, **writer_kwargs) as w:
-        for start in range(0, table.num_rows, _WRITE_CHUNK):
-            w.write(table.take(pa.array(order[start:start + _WRITE_CHUNK])))
-
-
-def _import_csv(src: Path, spec: FeatureSpec, names: Dict[str, str], ts_unit: str,
-                list_delimiter: str, csv_delimiter: str, out: Path, writer_kwargs: dict) -> None:
-    header = _header(src, csv_delimiter, "utf8")
-    plan = _plan(src, header, spec, names, ts_unit, list_delimiter)
-    include = [plan.source_of[c] for c in spec.columns
-               if c != INSTANCE_ID or plan.has_instance_id]
-    # Multi-valued fields are read as text and split here; the rest is inferred, then cast.
-    types = {plan.source_of[f.name]: pa.string() for f in spec.sparse if f.multi_valued}
-    table = read_delimited(src, delimiter=csv_delimiter, include=include,
-                           column_types=types)
-    where = _Where(src, csv_lines=True)
-    canon = _convert(table, plan, where)
-    del table
-    ts = canon[TS].to_numpy()
-    users = canon[USER_ID].to_numpy()
-    iid = canon[INSTANCE_ID].to_numpy() if plan.has_instance_id else None
-    order = _order(ts, users, iid)
-    if iid is not None:
-        _check_unique(iid[order], order, lambda i: (src, i), csv_lines=True)
-    else:
-        assigned = np.empty(ts.size, np.int64)
-        assigned[order] = np.arange(ts.size, dtype=np.int64)
-        canon = canon.set_column(0, INSTANCE_ID, pa.array(assigned))
-    _write_sorted(canon, order, out, spec, writer_kwargs)
-
-
-def _import_parquet(src: Path, spec: FeatureSpec, names: Dict[str, str], ts_unit: str,
-                    list_delimiter: str, out: Path, writer_kwargs: dict) -> None:
-    files = _parquet_files(src)
-    pfs = [_open(f) for f in files]
-    plan = _plan(files[0], pfs[0].schema_arrow.names, spec, names, ts_unit, list_delimiter)
-    for f, pf in zip(files[1:], pfs[1:]):
-        _plan(f, pf.schema_arrow.names, spec, names, ts_unit, list_delimiter)
-        if (plan.source_of[INSTANCE_ID] in pf.schema_arrow.names) != plan.has_instance_id:
-            raise SourceFormatError(f, f"column {plan.source_of[INSTANCE_ID]!r} is in some source "
-                                       "files but not in others")
-    source_cols = [plan.source_of[c] for c in spec.columns
-                   if c != INSTANCE_ID or plan.has_instance_id]
-    key_cols = [plan.source_of[c] for c in (INSTANCE_ID, USER_ID, TS)
-                if c != INSTANCE_ID or plan.has_instance_id]
-
-    def groups() -> Iterator[Tuple[Path, int, int, pq.ParquetFile]]:
-        """(file, row group, first row of the group in its file, open file)."""
-        for f, pf in zip(files, pfs):
-            base = 0
-            for g in range(pf.num_row_groups):
-                yield f, g, base, pf
-                base += pf.metadata.row_group(g).num_rows
-
-    def read(pf: pq.ParquetFile, f: Path, g: int, cols: List[str]) -> pa.Table:
-        try:
-            return pf.read_row_group(g, columns=cols)
-        except (OSError, pa.ArrowException) as e:
-            raise SourceFormatError(f, f"unreadable Parquet data in row group {g} ({e})") from None
-
-    # Pass 1: keys only, to find the write order.
-    ts_parts, user_parts, iid_parts, starts = [], [], [], []
-    global_row = 0
-    for f, g, base, pf in groups():
-        t = read(pf, f, g, key_cols)
-        where = _Where(f, csv_lines=False, base=base)
-        ts = _to_ts(t[plan.source_of[TS]].combine_chunks(), where, plan.ts_unit)
-        _check_ts(ts, where)
-        ts_parts.append(ts)
-        user_parts.append(_to_int64(t[plan.source_of[USER_ID]].combine_chunks(), where, USER_ID,
-                                    "an integer user id"))
-        if plan.has_instance_id:
-            iid_parts.append(_to_int64(t[plan.source_of[INSTANCE_ID]].combine_chunks(), where,
-                                       INSTANCE_ID))
-        starts.append((global_row, f, base))
-        global_row += t.num_rows
-    n = global_row
-    ts_all = np.concatenate(ts_parts) if ts_parts else np.zeros(0, np.int64)
-    users = np.concatenate(user_parts) if user_parts else np.zeros(0, np.int64)
-    iid = np.concatenate(iid_parts) if plan.has_instance_id and iid_parts else None
-    del ts_parts, user_parts, iid_parts
-    order = _order(ts_all, users, iid)
-    starts_arr = np.array([s[0] for s in starts] + [n], dtype=np.int64)
-
-    def locate(i: int) -> Tuple[Path, int]:
-        k = int(np.searchsorted(starts_arr, i, side="right") - 1)
-        return starts[k][1], starts[k][2] + i - int(starts_arr[k])
-
-    if iid is not None:
-        _check_unique(iid[order], order, locate, csv_lines=False)
-        assigned = None
-    else:
-        assigned = np.empty(n, np.int64)
-        assigned[order] = np.arange(n, dtype=np.int64)
+def _write(source: _Source, codes: _Codes, order: np.ndarray, assigned: Optional[np.ndarray],
+           writer: LogWriter) -> None:
+    """Convert every part and write the rows in ``order``: streamed when the source is already
+    in that order, else converted into memory whole and sorted."""
+    canonical = [c for c in source.plan.spec.columns
+                 if c != INSTANCE_ID or source.plan.has_instance_id]
+    n = source.rows
     in_order = bool((order == np.arange(n)).all())
-    del ts_all, users, iid
-
-    # Pass 2: convert every row group; stream when already in order.
+    progress = tqdm(total=n, unit="rows", unit_scale=True, desc="import", disable=None)
+    with progress:
+        parts = []
+        for start, t, where in source.parts(canonical, progress):
+            t = _convert(t, source.plan, codes, where)
+            if assigned is not None:
+                t = t.set_column(0, INSTANCE_ID, pa.array(assigned[start:start + t.num_rows]))
+            if in_order:
+                writer.write(t)
+            else:
+                parts.append(t)
     if in_order:
-        with LogWriter(out, spec, **writer_kwargs) as w:
-            row = 0
-            for f, g, base, pf in groups():
-                t = _convert(read(pf, f, g, source_cols), plan, _Where(f, False, base))
-                if assigned is not None:
-                    t = t.set_column(0, INSTANCE_ID, pa.array(assigned[row:row + t.num_rows]))
-                row += t.num_rows
-                w.write(t)
         return
-    parts = [_convert(read(pf, f, g, source_cols), plan, _Where(f, False, base))
-             for f, g, base, pf in groups()]
     table = pa.concat_tables(parts)
     del parts
-    if assigned is not None:
-        table = table.set_column(0, INSTANCE_ID, pa.array(assigned))
-    _write_sorted(table, order, out, spec, writer_kwargs)
+    for start in range(0, n, _WRITE_CHUNK):
+        writer.write(table.take(pa.array(order[start:start + _WRITE_CHUNK])))

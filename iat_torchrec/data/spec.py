@@ -32,6 +32,15 @@ class SpecError(ValueError):
     """A feature spec that is malformed or does not describe its data."""
 
 
+class Missing(str, enum.Enum):
+    """What the importer does with a missing value (empty cell, null, NaN) of a field."""
+
+    ERROR = "error"  # stop with an error naming file, row and column
+    UNKNOWN = "unknown"  # sparse: the out-of-vocabulary id (hashed: the hash of the empty key)
+    MEAN = "mean"  # dense: the field's mean over the training window
+    CONSTANT = "constant"  # dense: ``fill_value``
+
+
 class FeatureGroup(str, enum.Enum):
     """Semantic group of a field; HGAQ gives each group its own sub-tokens."""
 
@@ -46,7 +55,11 @@ class SparseField:
     """An id-valued field (int64, or list<int64> when ``multi_valued``).
 
     ``num_embeddings`` is the vocabulary size (ids must lie in ``[0, num_embeddings)``) or, when
-    ``hashed``, the number of hash buckets raw ids are mapped into at read time.
+    ``hashed``, the number of hash buckets raw ids are mapped into at read time. With
+    ``vocabulary`` the importer maps raw ids (strings or any integers) through a vocabulary
+    built on the training window (:mod:`iat_torchrec.data.vocab`): ``num_embeddings`` is then
+    its largest size, the out-of-vocabulary row 0 included, and ids seen fewer than
+    ``min_count`` times fold into that row. ``missing`` is the importer's policy for missing ids.
     """
 
     name: str
@@ -55,14 +68,25 @@ class SparseField:
     group: FeatureGroup = FeatureGroup.ITEM
     multi_valued: bool = False
     hashed: bool = False
+    vocabulary: bool = False
+    min_count: int = 1
+    missing: Missing = Missing.ERROR
 
 
 @dataclasses.dataclass(frozen=True)
 class DenseField:
-    """A float32 field."""
+    """A float32 field; ``missing`` (with ``fill_value`` for ``constant``) is the importer's
+    policy for missing values, and ``missing_indicator`` adds a 0/1 field ``<name>_missing``."""
 
     name: str
     group: FeatureGroup = FeatureGroup.CONTEXT
+    missing: Missing = Missing.ERROR
+    fill_value: float = 0.0
+    missing_indicator: bool = False
+
+    @property
+    def indicator_name(self) -> str:
+        return f"{self.name}_missing"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +162,22 @@ class FeatureSpec:
                     f"feature spec: field {f.name!r}: embedding_dim must be a positive multiple of 4 "
                     f"(FBGEMM requirement), got {f.embedding_dim}"
                 )
+            if f.vocabulary and f.hashed:
+                raise SpecError(f"feature spec: field {f.name!r} is either hashed or has a "
+                                "vocabulary, not both")
+            if f.min_count < 1:
+                raise SpecError(f"feature spec: field {f.name!r}: min_count must be >= 1, got "
+                                f"{f.min_count}")
+            if f.missing not in (Missing.ERROR, Missing.UNKNOWN):
+                raise SpecError(f"feature spec: sparse field {f.name!r}: missing must be "
+                                f"'error' or 'unknown', got {f.missing.value!r}")
+            if f.missing is Missing.UNKNOWN and not (f.vocabulary or f.hashed):
+                raise SpecError(f"feature spec: field {f.name!r}: missing 'unknown' needs an "
+                                "unknown id: give the field a vocabulary or hash it")
+        for f in self.dense:
+            if f.missing is Missing.UNKNOWN:
+                raise SpecError(f"feature spec: dense field {f.name!r}: missing must be "
+                                "'error', 'mean' or 'constant', got 'unknown'")
 
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> Dict[str, Any]:
@@ -145,8 +185,8 @@ class FeatureSpec:
             "format_version": SPEC_FORMAT_VERSION,
             "labels": list(self.labels),
             "label_delay_s": self.label_delay_s,
-            "sparse": [{**dataclasses.asdict(f), "group": f.group.value} for f in self.sparse],
-            "dense": [{**dataclasses.asdict(f), "group": f.group.value} for f in self.dense],
+            "sparse": [_field_dict(f) for f in self.sparse],
+            "dense": [_field_dict(f) for f in self.dense],
         }
 
     @classmethod
@@ -157,9 +197,11 @@ class FeatureSpec:
                 raise SpecError(f"{source}: format_version {version} is not supported "
                                 f"(expected {SPEC_FORMAT_VERSION})")
             return cls(
-                sparse=[SparseField(**{**f, "group": FeatureGroup(f.get("group", "item"))})
+                sparse=[SparseField(**{**f, "group": FeatureGroup(f.get("group", "item")),
+                                       "missing": Missing(f.get("missing", "error"))})
                         for f in d.get("sparse", [])],
-                dense=[DenseField(**{**f, "group": FeatureGroup(f.get("group", "context"))})
+                dense=[DenseField(**{**f, "group": FeatureGroup(f.get("group", "context")),
+                                     "missing": Missing(f.get("missing", "error"))})
                        for f in d.get("dense", [])],
                 labels=list(d["labels"]),
                 label_delay_s=int(d.get("label_delay_s", 0)),
@@ -189,6 +231,22 @@ class FeatureSpec:
         except (OSError, json.JSONDecodeError) as e:
             raise SpecError(f"{path}: unreadable feature spec: {e}") from None
         return cls.from_dict(d, source=str(path))
+
+
+def _field_dict(f: Union[SparseField, DenseField]) -> Dict[str, Any]:
+    """A field as JSON; the importer's settings only where they differ from their defaults, so
+    that the spec of a log without them reads as before."""
+    out: Dict[str, Any] = {}
+    for fd in dataclasses.fields(f):
+        value = getattr(f, fd.name)
+        if fd.name in _IMPORT_SETTINGS and value == fd.default:
+            continue
+        out[fd.name] = value.value if isinstance(value, enum.Enum) else value
+    return out
+
+
+_IMPORT_SETTINGS = frozenset({"vocabulary", "min_count", "missing", "fill_value",
+                              "missing_indicator"})
 
 
 def spec_path(log_path: Union[str, os.PathLike]) -> Path:
