@@ -232,7 +232,20 @@ class PipelineRunner:
         for i, step in enumerate(group, done + 1):
             self.log(f"run    {step.name} ({i}/{total}) in one launch of {len(group)} as "
                      f"{handle}")
-        status = runner.wait(handle, wait_interval=0.5)
+        reported: set = set()
+
+        def report_done() -> None:  # each stage's end as its task records it
+            for step in group:
+                if step.name not in reported and self.is_done(step, prints[step.name]):
+                    reported.add(step.name)
+                    self.log(f"done   {step.name} in {self.record(step)['seconds']:.1f} s")
+
+        while True:
+            status = runner.status(handle)
+            report_done()
+            if status is None or status.is_terminal():
+                break
+            time.sleep(0.5)
         elapsed = time.perf_counter() - started
         log_path = self._save_log(runner, handle, app.roles[0].name, f"launch__{name}")
         if log_path is not None:
@@ -249,10 +262,7 @@ class PipelineRunner:
                 tail = "\n".join(own_log.read_text(errors="replace").splitlines()[-TAIL_LINES:])
             what = state.name if state != AppState.SUCCEEDED else "SUCCEEDED without its outputs"
             raise StageFailed(failed.name, what, own_log, tail)
-        seconds = {}
-        for step in group:
-            seconds[step.name] = float(self.record(step)["seconds"])
-            self.log(f"done   {step.name} in {seconds[step.name]:.1f} s")
+        seconds = {step.name: float(self.record(step)["seconds"]) for step in group}
         outside = max(elapsed - sum(seconds.values()), 0.0)
         self.launches_outside.append(outside)
         self.log(f"launch of {len(group)} {first.component} steps took {elapsed:.1f} s, "
