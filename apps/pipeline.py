@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from iat_torchrec.config import parse_config
+from iat_torchrec.data.errors import report_input_errors
 from iat_torchrec.pipeline.plan import PipelineConfig, pipeline_flag_exclusions
 from iat_torchrec.pipeline.runner import StageFailed, run_pipeline
 
@@ -36,6 +37,12 @@ def _log(msg: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the pipeline; an input error is one line on stderr and exit code 2 (``--debug``: its
+    traceback)."""
+    return report_input_errors(_run, argv)
+
+
+def _run(argv: List[str]) -> int:
     cfg = parse_config(PipelineConfig, argv, exclude=pipeline_flag_exclusions())
     run_dir = Path(cfg.run_dir).resolve()
     start = time.perf_counter()

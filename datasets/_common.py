@@ -15,6 +15,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from iat_torchrec.config import parse_config  # noqa: E402
+from iat_torchrec.data.errors import report_input_errors  # noqa: E402
 
 
 def run_config(config_cls: Type[Any], command: Callable[..., Any], done: str,
@@ -23,7 +24,13 @@ def run_config(config_cls: Type[Any], command: Callable[..., Any], done: str,
     """Parse ``config_cls`` from ``argv`` and call ``command`` with its fields as arguments
     (``prepare(config)`` first, if given); print the returned log summary, or each of a
     ``{name: summary}`` dict under its ``[name]``, then ``done`` (``str.format``-ted with
-    ``cfg``) and the seconds taken. Returns the exit status, 0."""
+    ``cfg``) and the seconds taken. Returns the exit status: 0, or 2 after an input error,
+    reported in one line (``--debug`` shows its traceback)."""
+    return report_input_errors(lambda args: _run(config_cls, command, done, args, prepare), argv)
+
+
+def _run(config_cls: Type[Any], command: Callable[..., Any], done: str, argv: List[str],
+         prepare: Optional[Callable[[Any], None]]) -> int:
     cfg = parse_config(config_cls, argv)
     if prepare is not None:
         prepare(cfg)

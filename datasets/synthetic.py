@@ -15,12 +15,18 @@ import time
 from typing import Optional, Sequence
 
 from iat_torchrec.config import add_config_arguments
-from iat_torchrec.data.atomic import OutputExistsError
+from iat_torchrec.data.errors import report_input_errors
 from iat_torchrec.data.log import validate_log
 from iat_torchrec.data.synthetic import SyntheticConfig, generate
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit code 0, or 2 after an input error such as an existing output (one line on stderr;
+    ``--debug`` shows its traceback)."""
+    return report_input_errors(_generate, argv)
+
+
+def _generate(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -32,11 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     t0 = time.perf_counter()
-    try:
-        path = generate(config, out, overwrite=overwrite)
-    except OutputExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    path = generate(config, out, overwrite=overwrite)
     dt = time.perf_counter() - t0
     print(f"generated {config.num_instances:,} instances in {dt:.1f} s "
           f"({config.num_instances / dt:,.0f} instances/s, Parquet write included)")

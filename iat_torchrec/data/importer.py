@@ -346,7 +346,8 @@ def _to_int64(arr: pa.Array, where: _Where, column: str, what: str = "an integer
     raise where.error(f"expected {what}, got values of type {t}", column, 0)
 
 
-_TS_TEXT_TYPES = (pa.int64(), *(pa.timestamp(u, tz) for u in ("s", "ns") for tz in (None, "UTC")))
+_TS_TEXT_TYPES = (pa.int64(), pa.float64(),
+                  *(pa.timestamp(u, tz) for u in ("s", "ns") for tz in (None, "UTC")))
 
 
 def _to_ts(arr: pa.Array, where: _Where, unit: int) -> np.ndarray:
@@ -363,9 +364,10 @@ def _to_ts(arr: pa.Array, where: _Where, unit: int) -> np.ndarray:
                 break
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 continue
-        else:
-            arr = _strings_to(arr, pa.float64(), where, TS, "a timestamp (a number of seconds, "
-                              "or ISO-8601 such as 2024-05-01T12:00:00)")
+        else:  # the bad value: the first one the format of the longest parsed prefix fails on
+            i = max(_first_bad_cast(arr, to) for to in _TS_TEXT_TYPES)
+            raise where.error("expected a timestamp (a number of seconds, or ISO-8601 such as "
+                              f"2024-05-01T12:00:00), got {arr[i].as_py()!r}", TS, i)
         t = arr.type
     if pa.types.is_timestamp(t):
         per_s = _TS_UNITS[t.unit]

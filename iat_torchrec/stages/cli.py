@@ -4,10 +4,10 @@ run_<stage>)``."""
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any, Callable, List, Optional, Type, TypeVar
 
 from iat_torchrec.config import ConfigError, parse_config
+from iat_torchrec.data.errors import report_input_errors
 from iat_torchrec.stages.tasks import run_tasks
 
 C = TypeVar("C")
@@ -19,8 +19,12 @@ def stage_main(config_cls: Type[C], run: Callable[[C], Any],
                argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` into ``config_cls`` (dotted flags, ``--config FILE``, ``--help``) or read
     the task file of ``--tasks FILE``, quiet TorchRec's INFO logging, run the stage (once per
-    task); returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    task); returns the exit code: 2 after an input error, reported in one line
+    (:mod:`iat_torchrec.data.errors`; ``--debug`` shows its traceback)."""
+    return report_input_errors(lambda args: _run_stage(config_cls, run, args), argv)
+
+
+def _run_stage(config_cls: Type[C], run: Callable[[C], Any], argv: List[str]) -> int:
     logging.getLogger("torchrec").setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
     if "--tasks" in argv:
