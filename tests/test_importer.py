@@ -10,7 +10,7 @@ import pytest
 from conftest import read_log
 
 from iat_torchrec.config import parse_config
-from iat_torchrec.data.importer import ImportConfig, SourceFormatError, import_log
+from iat_torchrec.data.importer import ImportConfig, SourceFormatError, import_log, run_import
 from iat_torchrec.data.log import arrow_schema, validate_log
 from iat_torchrec.data.spec import DenseField, FeatureGroup, FeatureSpec, SparseField
 
@@ -147,7 +147,7 @@ def test_config_names_match_the_library(tmp_path, spec_file):
                                       "--ts_column", "time", "--rename", "a=b", "c=d"])
     assert cfg.rename == ["a=b", "c=d"]
     cfg.rename = []
-    assert import_log(**dataclasses.asdict(cfg)).log.rows == 4
+    assert run_import(**dataclasses.asdict(cfg)).log.rows == 4
 
 
 # --------------------------------------------------------------------------- errors

@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv as _csv
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -50,6 +51,7 @@ from iat_torchrec.data.log import (
 )
 from iat_torchrec.config import ConfigError
 from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.data.infer import Inferred, infer_spec
 from iat_torchrec.data.spec import (INSTANCE_ID, TS, USER_ID, DenseField, FeatureSpec, Missing,
                                     SparseField)
 from iat_torchrec.data.vocab import (VOCAB_DIR, KeyCounter, Vocabulary, as_keys,
@@ -61,6 +63,8 @@ __all__ = [
     "SourceFormatError",
     "ImportConfig",
     "ImportReport",
+    "run_import",
+    "write_inferred_spec",
     "output_spec",
     "check_output_path",
     "import_log",
@@ -243,7 +247,8 @@ class ImportConfig:
     source: str = dataclasses.field(metadata={"help": "CSV file, Parquet file or directory of "
                                                       "Parquet files"})
     spec: str = dataclasses.field(metadata={"help": "feature spec JSON (FeatureSpec.load)"})
-    output: str = dataclasses.field(metadata={"help": "instance log directory to write"})
+    output: str = dataclasses.field(default="", metadata={
+        "help": "instance log directory to write (required unless --infer)"})
     overwrite: bool = dataclasses.field(default=False,
                                         metadata={"help": "replace an existing output"})
     user_column: str = dataclasses.field(default=USER_ID,
@@ -267,6 +272,16 @@ class ImportConfig:
     vocab_from: str = dataclasses.field(default="", metadata={
         "help": "a log imported before: reuse its vocabularies and dense means (vocab/) so that "
                 "the same raw id gets the same row; user ids it lacks are appended"})
+    infer: bool = dataclasses.field(default=False, metadata={
+        "help": "propose a spec from the source (iat_torchrec.data.infer), write it to --spec "
+                "for review and stop"})
+    labels: List[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "--infer: the label columns (default: 0/1 columns named like a label)"})
+    groups: List[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "--infer: feature groups, each NAME=GROUP (user, item, context, cross); the "
+                "rest from name hints"})
+    dry_run: bool = dataclasses.field(default=False, metadata={
+        "help": "import into a temporary folder, report what would be imported, keep nothing"})
     vocab_fraction: float = dataclasses.field(default=1.0, metadata={
         "help": "the training window: vocabularies and dense means are built on this first "
                 "fraction of the rows in time order (set it to the train split's fraction)"})
@@ -817,6 +832,44 @@ class _Source:
         return self.files[fi], base + i - int(self.group_starts[k])
 
 
+def run_import(*, infer: bool, labels: Sequence[str], groups: Sequence[str], dry_run: bool,
+               **kwargs) -> Union[ImportReport, Inferred]:
+    """What ``datasets/import_log.py`` runs (the fields of :class:`ImportConfig`): with
+    ``infer`` :func:`write_inferred_spec`, else :func:`import_log` (into a temporary folder,
+    then dropped, with ``dry_run``)."""
+    if infer:
+        return write_inferred_spec(labels=labels, groups=groups, **kwargs)
+    if not dry_run:
+        return import_log(**kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        return import_log(**{**kwargs, "output": Path(tmp) / "dry_run", "overwrite": False})
+
+
+def read_source(source: PathLike, csv_delimiter: str = ",") -> pa.Table:
+    """The whole source as read (CSV types inferred by pyarrow; Parquet as stored)."""
+    src = Path(source)
+    if _source_kind(src) == "csv":
+        return read_delimited(src, delimiter=csv_delimiter)
+    return pa.concat_tables([_open(f).read() for f in _parquet_files(src)])
+
+
+def write_inferred_spec(source: PathLike, spec: PathLike, *, overwrite: bool = False,
+                        user_column: str = USER_ID, ts_column: str = TS,
+                        instance_id_column: str = INSTANCE_ID, list_delimiter: str = "|",
+                        csv_delimiter: str = ",", labels: Sequence[str] = (),
+                        groups: Sequence[str] = (), **_: object) -> Inferred:
+    """Propose a spec for ``source`` (:func:`infer_spec`) and write it to ``spec``; the other
+    import settings are accepted and unused."""
+    inferred = infer_spec(read_source(source, csv_delimiter), user_column=user_column,
+                          ts_column=ts_column, instance_id_column=instance_id_column,
+                          labels=labels, groups=groups, list_delimiter=list_delimiter)
+    with atomic_output(spec, overwrite=overwrite) as tmp:
+        inferred.spec.save(tmp)
+    inferred.reasons.append(f"written to {spec}: review it, then import with --spec {spec} "
+                            f"--ts_unit {inferred.ts_unit} (without --infer)")
+    return inferred
+
+
 def import_log(source: PathLike, spec: Union[PathLike, FeatureSpec], output: PathLike, *,
                overwrite: bool = False, user_column: str = USER_ID, ts_column: str = TS,
                instance_id_column: str = INSTANCE_ID, ts_unit: str = "s",
@@ -826,9 +879,11 @@ def import_log(source: PathLike, spec: Union[PathLike, FeatureSpec], output: Pat
                rows_per_file: int = DEFAULT_ROWS_PER_FILE) -> ImportReport:
     """Import ``source`` (CSV, Parquet file, or directory of Parquet files) as an instance log.
 
-    Keyword names match :class:`ImportConfig` (``import_log(**dataclasses.asdict(cfg))``).
+    Keyword names match :class:`ImportConfig` (:func:`run_import` takes all of them).
     Returns the :class:`ImportReport`, with :func:`validate_log`'s summary of the written log.
     """
+    if not output:
+        raise ConfigError("--output: the instance log directory to write is required")
     src = Path(source)
     out = Path(output)
     feature_spec = spec if isinstance(spec, FeatureSpec) else FeatureSpec.load(spec)
