@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from iat_torchrec.config import parse_config
-from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.atomic import atomic_output
 from iat_torchrec.data.synthetic import SyntheticConfig
 from iat_torchrec.models.source import Scheme, SourceModelConfig
 from iat_torchrec.stages.compress import CompressConfig, run_compress

@@ -38,6 +38,8 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar, Union
 
+from iat_torchrec.atomic import atomic_output
+
 T = TypeVar("T")
 MISSING = dataclasses.MISSING
 
@@ -254,8 +256,6 @@ def from_dict(cls: Type[T], nested: Mapping[str, Any]) -> T:
 
 def save_config(config: Any, path: Union[str, Path]) -> None:
     """Write every setting of ``config`` as JSON (atomically)."""
-    from iat_torchrec.data.atomic import atomic_output
-
     with atomic_output(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
 

@@ -124,7 +124,7 @@ def test_resume_from_another_configuration_is_refused(splits, tmp_path):
 
 def test_bad_inputs_are_refused_before_any_work(splits, tmp_path):
     from iat_torchrec.config import parse_config
-    from iat_torchrec.data.atomic import OutputExistsError
+    from iat_torchrec.atomic import OutputExistsError
     from iat_torchrec.stages.compress import CompressConfig, run_compress
 
     store = tmp_path / "store"

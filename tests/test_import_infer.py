@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from conftest import REPO_ROOT, read_log
 from test_pipeline import TINY
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_columns, tiny_spec
-from iat_torchrec.data.atomic import OutputExistsError
+from iat_torchrec.atomic import OutputExistsError
 from iat_torchrec.data.log import InstanceLogError, arrow_schema, validate_log, write_log
 from iat_torchrec.data.spec import FeatureSpec, SparseField, SpecError, spec_path
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from iat_torchrec.config import parse_config
-from iat_torchrec.data.atomic import OutputExistsError
+from iat_torchrec.atomic import OutputExistsError
 from iat_torchrec.data.log import log_files, validate_log
 from iat_torchrec.data.spec import KEY_COLUMNS, FeatureGroup, FeatureSpec
 from iat_torchrec.data.synthetic import (

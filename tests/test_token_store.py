@@ -10,7 +10,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
-from iat_torchrec.data.atomic import OutputExistsError
+from iat_torchrec.atomic import OutputExistsError
 from iat_torchrec.tokens.npyfile import HEADER_BYTES
 from iat_torchrec.tokens.store import MANIFEST, TokenStore, TokenStoreError
 

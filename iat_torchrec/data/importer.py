@@ -50,7 +50,7 @@ from iat_torchrec.data.log import (
     validate_log,
 )
 from iat_torchrec.config import ConfigError
-from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.atomic import atomic_output
 from iat_torchrec.data.infer import Inferred, infer_spec
 from iat_torchrec.data.spec import (INSTANCE_ID, TS, USER_ID, DenseField, FeatureSpec, Missing,
                                     SparseField)

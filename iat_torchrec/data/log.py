@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iat_torchrec.data.atomic import CommitOnExit, atomic_output
+from iat_torchrec.atomic import CommitOnExit, atomic_output
 from iat_torchrec.data.spec import (INSTANCE_ID, KEY_COLUMNS, TS, USER_ID, FeatureSpec,
                                     SpecError, spec_path)
 

@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pyarrow as pa
 
-from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.atomic import atomic_output
 from iat_torchrec.data.log import (
     DEFAULT_ROWS_PER_FILE,
     InstanceLogError,

@@ -815,7 +815,7 @@ def provenance(config: SyntheticConfig) -> Dict[str, object]:
 def generate(config: SyntheticConfig, out_path: PathLike, overwrite: bool = False) -> Path:
     """Generate the log of ``config`` into a new directory ``out_path`` (Parquet files and
     ``feature_spec.json``), written atomically. An existing ``out_path`` raises
-    :class:`~iat_torchrec.data.atomic.OutputExistsError` unless ``overwrite``, before any work."""
+    :class:`~iat_torchrec.atomic.OutputExistsError` unless ``overwrite``, before any work."""
     spec = feature_spec(config)
     with LogWriter(out_path, spec, overwrite=overwrite, rows_per_file=config.rows_per_file,
                    provenance=provenance(config)) as writer:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.atomic import atomic_output
 
 PathLike = Union[str, os.PathLike]
 

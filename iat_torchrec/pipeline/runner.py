@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 from iat_torchrec.config import save_config, to_dict
-from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.atomic import atomic_output
 from iat_torchrec.pipeline.plan import RUNS_INDEX, PipelineConfig, Step, build_plan, runs_index
 from iat_torchrec.stages.tasks import TASK_MARK, Task, write_tasks
 from torchx_components import components

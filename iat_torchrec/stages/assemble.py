@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.atomic import atomic_output
 from iat_torchrec.data.log import InstanceLogError, log_files, open_parquet
 from iat_torchrec.data.reader import hash_ids
 from iat_torchrec.data.spec import INSTANCE_ID, KEY_COLUMNS, TS, USER_ID, FeatureSpec, SpecError

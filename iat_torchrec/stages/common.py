@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from iat_torchrec.config import nested, to_dict, to_flat
-from iat_torchrec.data.atomic import OutputExistsError, atomic_output
+from iat_torchrec.atomic import OutputExistsError, atomic_output
 from iat_torchrec.data.batch import InstanceBatch
 from iat_torchrec.data.log import log_files, read_key_columns
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.atomic import atomic_output
 from iat_torchrec.data.log import validate_log
 from iat_torchrec.data.spec import FeatureSpec
 

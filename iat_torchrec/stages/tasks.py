@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Type, TypeVar, Union
 
 from iat_torchrec.config import ConfigError, from_dict
-from iat_torchrec.data.atomic import atomic_output
+from iat_torchrec.atomic import atomic_output
 
 C = TypeVar("C")
 TASK_MARK = "=== task"

@@ -51,7 +51,7 @@ import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import numpy as np
 import torch
 
-from iat_torchrec.data.atomic import CommitOnExit, atomic_output
+from iat_torchrec.atomic import CommitOnExit, atomic_output
 from iat_torchrec.tokens.npyfile import (ColumnFileError, ColumnWriter, check_entry, open_column,
                                          write_column)
 from iat_torchrec.tokens.time_index import UserTimeIndex, stable_argsort
