@@ -10,6 +10,7 @@ import pytest
 from conftest import read_log
 
 from iat_torchrec.config import parse_config
+from iat_torchrec.data import importer
 from iat_torchrec.data.importer import ImportConfig, SourceFormatError, import_log, run_import
 from iat_torchrec.data.log import arrow_schema, validate_log
 from iat_torchrec.data.spec import DenseField, FeatureGroup, FeatureSpec, SparseField
@@ -63,6 +64,23 @@ def test_csv_round_trip(tmp_path, spec_file):
     assert (tmp_path / "out" / "LICENSE").read_text() == "my licence\n"
     assert FeatureSpec.load(tmp_path / "out") == SPEC
     assert validate_log(tmp_path / "out").rows == 4
+
+
+def test_csv_is_converted_in_slices_with_the_same_result_and_lines(tmp_path, spec_file,
+                                                                   monkeypatch):
+    lines = CSV_TEXT.splitlines()
+    text = "\n".join([lines[0]] + lines[1:] * 5) + "\n"  # 20 rows
+    src = write_csv(tmp_path, text)
+    import_log(src, spec_file, tmp_path / "whole", user_column="userId", ts_column="time")
+    monkeypatch.setattr(importer, "_CSV_PART_ROWS", 3)  # 7 slices
+    import_log(src, spec_file, tmp_path / "sliced", user_column="userId", ts_column="time")
+    assert read_log(tmp_path / "sliced").equals(read_log(tmp_path / "whole"))
+    # A bad value in a later slice is named by its own line of the file.
+    rows = text.splitlines()
+    rows[19] = rows[19].replace(",0,c", ",cheap,c")  # line 20, in the 7th slice
+    src = write_csv(tmp_path, "\n".join(rows) + "\n", "bad.csv")
+    with pytest.raises(SourceFormatError, match="bad.csv, line 20, column 'price'"):
+        import_log(src, spec_file, tmp_path / "bad", user_column="userId", ts_column="time")
 
 
 def test_csv_with_instance_ids_and_other_delimiters(tmp_path, spec_file):

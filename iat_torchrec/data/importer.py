@@ -291,6 +291,9 @@ _TS_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
 
 # =========================================================================== column conversion
+_CSV_PART_ROWS = 1 << 18  # rows of a CSV source converted at a time
+
+
 class _Where:
     """How to name a source position in an error: CSV lines or Parquet rows.
 
@@ -808,10 +811,13 @@ class _Source:
               progress: Optional[tqdm] = None) -> Iterator[Tuple[int, pa.Table, _Where]]:
         """(first global row, table of the source columns of ``canonical``, where) per part."""
         cols = [self.plan.source_of[c] for c in canonical]
-        if self.csv_lines:
-            yield 0, self._table.select(cols), _Where(self.files[0], csv_lines=True)
-            if progress is not None:
-                progress.update(self.rows)
+        if self.csv_lines:  # read whole; converted in slices (progress, bounded temporaries)
+            table = self._table.select(cols)
+            for start in range(0, max(self.rows, 1), _CSV_PART_ROWS):
+                t = table.slice(start, _CSV_PART_ROWS)
+                yield start, t, _Where(self.files[0], csv_lines=True, base=start)
+                if progress is not None:
+                    progress.update(t.num_rows)
             return
         for start, (fi, g, base) in zip(self.group_starts, self._groups):
             try:
