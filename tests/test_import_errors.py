@@ -24,12 +24,12 @@ CASES = {
                        r"log\.csv: missing column 'colour' required by the feature spec; the "
                        r"source has columns \['user', 'time', 'click', 'product', 'price'\]"),
     "bad_timestamp": (GOOD + "u_2,yesterday,0,P-12,2\n", SPEC,
-                      r"log\.csv, line 3, column 'ts': expected a timestamp \(a number of "
+                      r"log\.csv, line 3, column 'time': expected a timestamp \(a number of "
                       r"seconds, or ISO-8601 such as 2024-05-01T12:00:00\), got 'yesterday'"),
     "bad_label": (GOOD + "u_2,2024-05-01T11:00:00,2,P-12,2\n", SPEC,
                   r"log\.csv, line 3, column 'click': label 2\.0 is not 0 or 1"),
     "empty_user_ids": ("user,time,click,product,price\n,1,1,P-78,1.5\n,2,0,P-12,2\n", SPEC,
-                       r"log\.csv, line 2, column 'user_id': missing value"),
+                       r"log\.csv, line 2, column 'user': missing value"),
 }
 
 

@@ -201,7 +201,7 @@ CSV_ERRORS = {
                                                                  r"\[0, 10\)", {}),
     "bad_label": (GOOD + "2,2,2,1,1,1,1\n", r"line 3, column 'click': label 2\.0 is not 0 or 1",
                   {}),
-    "empty_value": (GOOD + "2,,1,1,1,1,1\n", r"line 3, column 'ts': missing value \(empty, null "
+    "empty_value": (GOOD + "2,,1,1,1,1,1\n", r"line 3, column 'time': missing value \(empty, null "
                                              r"or NaN\), expected a timestamp", {}),
     "bad_dense": (GOOD + "2,2,1,1,1,1,cheap\n",
                   r"line 3, column 'price': expected a number, got 'cheap'", {}),
@@ -209,7 +209,7 @@ CSV_ERRORS = {
                   r"line 3, column 'price': missing value \(empty, null or NaN\)", {}),
     "inf_dense": (GOOD + "2,2,1,1,1,1,inf\n",
                   r"line 3, column 'price': inf is not a finite float32", {}),
-    "negative_ts": (GOOD + "2,-4,1,1,1,1,1\n", r"line 3, column 'ts': negative timestamp -4", {}),
+    "negative_ts": (GOOD + "2,-4,1,1,1,1,1\n", r"line 3, column 'time': negative timestamp -4", {}),
     "malformed_line": (GOOD + "2,2,1\n", r"line 3: malformed line: expected 7 fields", {}),
     "duplicate_instance_id": ("instance_id," + HEADER + "5,1,1,1,1,1,1,1\n5,2,2,1,1,1,1,1\n",
                               r"line 3, column 'instance_id': duplicate instance_id 5 \(first "

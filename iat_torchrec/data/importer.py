@@ -33,7 +33,7 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -302,15 +302,18 @@ class _Where:
     """
 
     def __init__(self, path: Path, csv_lines: bool, base: int = 0,
-                 row_map: Optional[np.ndarray] = None) -> None:
+                 row_map: Optional[np.ndarray] = None,
+                 names: Optional[Mapping[str, str]] = None) -> None:
         self.path, self.csv_lines, self.base, self.row_map = path, csv_lines, base, row_map
+        self.names = dict(names or {})  # log column -> the source's own name, for errors
 
     def mapped(self, row_map: np.ndarray) -> "_Where":
-        return _Where(self.path, self.csv_lines, self.base, row_map)
+        return _Where(self.path, self.csv_lines, self.base, row_map, self.names)
 
     def error(self, message: str, column: str, index: int) -> SourceFormatError:
         if self.row_map is not None:
             index = int(self.row_map[index])
+        column = self.names.get(column, column)
         if self.csv_lines:
             return SourceFormatError(self.path, message, line=self.base + index + 2, column=column)
         return SourceFormatError(self.path, message, row=self.base + index, column=column)
@@ -815,7 +818,8 @@ class _Source:
             table = self._table.select(cols)
             for start in range(0, max(self.rows, 1), _CSV_PART_ROWS):
                 t = table.slice(start, _CSV_PART_ROWS)
-                yield start, t, _Where(self.files[0], csv_lines=True, base=start)
+                yield start, t, _Where(self.files[0], csv_lines=True, base=start,
+                                       names=self.plan.source_of)
                 if progress is not None:
                     progress.update(t.num_rows)
             return
@@ -825,7 +829,8 @@ class _Source:
             except (OSError, pa.ArrowException) as e:
                 raise SourceFormatError(self.files[fi], f"unreadable Parquet data in row group "
                                                         f"{g} ({e})") from None
-            yield int(start), t, _Where(self.files[fi], csv_lines=False, base=base)
+            yield int(start), t, _Where(self.files[fi], csv_lines=False, base=base,
+                                        names=self.plan.source_of)
             if progress is not None:
                 progress.update(t.num_rows)
 
