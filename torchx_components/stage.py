@@ -21,10 +21,7 @@ from torchx.components.dist import ddp
 from torchx.components.utils import python
 
 from iat_torchrec.config import ConfigError, Leaf, config_to_args, from_flat, leaves, plain
-from iat_torchrec.stages.tasks import task_configs
-
-TASKS_HELP = ("a task file (iat_torchrec.stages.tasks): run each of its configs in this one "
-              "launch instead of the one the other settings make")
+from iat_torchrec.stages.tasks import TASKS_HELP, load_tasks
 
 
 def _resource(default: Any, help: str) -> Any:
@@ -99,7 +96,7 @@ def stage_component(config_cls: Type[Any], script: str, name: str,
                 given = sorted(k for k, v in kwargs.items() if v != defaults.get(k))
                 if given:
                     raise ConfigError(f"tasks={tasks} replaces the settings; got {given} too")
-                for config in task_configs(config_cls, tasks):
+                for _, config in load_tasks(config_cls, tasks):
                     check(config)
                 args = ["--tasks", tasks]
             else:
@@ -113,7 +110,7 @@ def stage_component(config_cls: Type[Any], script: str, name: str,
         summary = inspect.getdoc(check) or name
         lines = [summary, "", "Args:"]
         lines += [f"    {leaf.name}: {leaf.help or leaf.name}" for leaf in leaves(config_cls)]
-        lines.append(f"    tasks: {TASKS_HELP}")
+        lines.append(f"    tasks: {TASKS_HELP}, instead of the config the other settings make")
         lines += [f"    {f.name}: {f.metadata['help']}" for f in offered]
         component.__doc__ = "\n".join(lines)
         component.__name__ = component.__qualname__ = check.__name__

@@ -25,7 +25,6 @@ steps done and the one in progress resumable. The launch's combined log is
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import inspect
 import json
@@ -35,12 +34,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from iat_torchrec.config import save_config, to_dict
 from iat_torchrec.atomic import atomic_output
 from iat_torchrec.pipeline.plan import RUNS_INDEX, PipelineConfig, Step, build_plan, runs_index
-from iat_torchrec.stages.tasks import TASK_MARK, Task, write_tasks
+from iat_torchrec.stages.tasks import TASK_MARK, Task, now_utc, write_tasks
 from torchx_components import components
 
 # Arguments that do not change what a step makes.
@@ -163,7 +162,7 @@ class PipelineRunner:
         seconds: Dict[str, float] = {}
         if not todo:
             return seconds
-        self.launches_outside: List[float] = []
+        outside: List[float] = []  # per task-file launch: seconds outside its stages' work
         wall = time.perf_counter()
         # local_cwd runs torchrun / python from PATH: make them this environment's.
         bin_dir = str(Path(sys.executable).parent)
@@ -174,23 +173,27 @@ class PipelineRunner:
             with get_runner() as runner:
                 done = 0
                 for group in self.launch_groups(todo):
-                    if not (self.group_launches and self._takes_tasks(group[0].component)):
+                    if self._grouped(group[0].component):
+                        group_seconds, extra = self._run_group(runner, group, prints, done,
+                                                               len(todo))
+                        seconds.update(group_seconds)
+                        outside.append(extra)
+                    else:
                         seconds[group[0].name] = self._run_one(
                             runner, group[0], prints[group[0].name], f"{done + 1}/{len(todo)}")
-                    else:
-                        seconds.update(self._run_group(runner, group, prints, done, len(todo)))
                     done += len(group)
         finally:
             signal.signal(signal.SIGTERM, previous)
-        if self.launches_outside:
+        if outside:
             wall = time.perf_counter() - wall
-            outside = sum(self.launches_outside)
-            self.log(f"{len(self.launches_outside)} launches in {wall:.0f} s; outside the "
-                     f"stages' own work (start-up): {outside:.0f} s, {outside / wall:.1%}")
+            self.log(f"{len(outside)} launches in {wall:.0f} s; outside the stages' own work "
+                     f"(start-up): {sum(outside):.0f} s, {sum(outside) / wall:.1%}")
         return seconds
 
-    def _takes_tasks(self, component: str) -> bool:
-        return "tasks" in inspect.signature(self.components[component]).parameters
+    def _grouped(self, component: str) -> bool:
+        """Whether steps of ``component`` launch together, over a task file."""
+        return (self.group_launches
+                and "tasks" in inspect.signature(self.components[component]).parameters)
 
     def launch_groups(self, todo: List[Step]) -> Iterator[List[Step]]:
         """``todo`` as launches, in an order that respects inputs: the first step whose inputs
@@ -202,15 +205,16 @@ class PipelineRunner:
             ready = [s for s in pending if not waiting.intersection(s.after)]
             first = ready[0]
             group = [first]
-            if self.group_launches and self._takes_tasks(first.component):
+            if self._grouped(first.component):
                 group = [s for s in ready if s.component == first.component
                          and s.resources == first.resources]
             pending = [s for s in pending if s not in group]
             yield group
 
     def _run_group(self, runner: Any, group: List[Step], prints: Dict[str, str], done: int,
-                   total: int) -> Dict[str, float]:
-        """Launch ``group`` as one job over a task file; returns each step's seconds."""
+                   total: int) -> Tuple[Dict[str, float], float]:
+        """Launch ``group`` as one job over a task file; returns each step's seconds and the
+        launch's seconds outside them (process start-up, imports)."""
         from torchx.specs import AppState
 
         first = group[0]
@@ -257,17 +261,14 @@ class PipelineRunner:
             self.log(f"FAILED {failed.name} after {elapsed:.0f} s in a launch of {len(group)} "
                      f"({state.name})")
             own_log = self._step_log(failed) if log_path is not None else None
-            tail = ""
-            if own_log is not None and own_log.exists():
-                tail = "\n".join(own_log.read_text(errors="replace").splitlines()[-TAIL_LINES:])
+            tail = _tail(own_log)
             what = state.name if state != AppState.SUCCEEDED else "SUCCEEDED without its outputs"
             raise StageFailed(failed.name, what, own_log, tail)
         seconds = {step.name: float(self.record(step)["seconds"]) for step in group}
         outside = max(elapsed - sum(seconds.values()), 0.0)
-        self.launches_outside.append(outside)
         self.log(f"launch of {len(group)} {first.component} steps took {elapsed:.1f} s, "
                  f"{outside:.1f} s of it outside the stages (process start-up, imports)")
-        return seconds
+        return seconds, outside
 
     def _step_log(self, step: Step) -> Path:
         return self.logs / f"{_file_name(step.name)}.log"
@@ -294,17 +295,14 @@ class PipelineRunner:
         started = time.perf_counter()
         handle = runner.run(app, scheduler=self.scheduler, cfg=self.scheduler_cfg)
         self._write_record(step, state="running", fingerprint=fingerprint, handle=handle,
-                           started_at=_now())
+                           started_at=now_utc())
         self.log(f"run    {step.name} ({counter}) as {handle}")
         status = runner.wait(handle, wait_interval=0.5)
         elapsed = time.perf_counter() - started
         log_path = self._save_log(runner, handle, app.roles[0].name, _file_name(step.name))
         state = status.state if status is not None else AppState.UNKNOWN
         if state != AppState.SUCCEEDED:
-            tail = ""
-            if log_path is not None:
-                lines = log_path.read_text(errors="replace").splitlines()
-                tail = "\n".join(lines[-TAIL_LINES:])
+            tail = _tail(log_path)
             self.log(f"FAILED {step.name} after {elapsed:.0f} s ({state.name})")
             raise StageFailed(step.name, state.name, log_path, tail)
         missing = [p for p in step.outputs if not Path(p).exists()]
@@ -312,7 +310,7 @@ class PipelineRunner:
             raise StageFailed(step.name, "SUCCEEDED without its outputs", log_path,
                               f"missing: {missing}")
         self._write_record(step, state="done", fingerprint=fingerprint, handle=handle,
-                           seconds=round(elapsed, 2), finished_at=_now(),
+                           seconds=round(elapsed, 2), finished_at=now_utc(),
                            log=str(log_path) if log_path else None)
         self.log(f"done   {step.name} in {elapsed:.1f} s")
         return elapsed
@@ -334,8 +332,11 @@ class PipelineRunner:
         return path
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def _tail(log: Optional[Path]) -> str:
+    """The last lines of a saved log ("" without one)."""
+    if log is None or not log.exists():
+        return ""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-TAIL_LINES:])
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

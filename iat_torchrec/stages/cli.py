@@ -8,11 +8,9 @@ from typing import Any, Callable, List, Optional, Type, TypeVar
 
 from iat_torchrec.config import ConfigError, parse_config
 from iat_torchrec.data.errors import report_input_errors
-from iat_torchrec.stages.tasks import run_tasks
+from iat_torchrec.stages.tasks import TASKS_HELP, run_tasks
 
 C = TypeVar("C")
-TASKS_HELP = ("Or run several configs in this one launch: --tasks FILE, a task file "
-              "(iat_torchrec.stages.tasks) and no other flag.")
 
 
 def stage_main(config_cls: Type[C], run: Callable[[C], Any],
@@ -32,6 +30,7 @@ def _run_stage(config_cls: Type[C], run: Callable[[C], Any], argv: List[str]) ->
             raise ConfigError(f"--tasks FILE takes no other flag, got {argv}")
         run_tasks(config_cls, run, argv[1])
         return 0
-    description = f"{(config_cls.__doc__ or '').strip()} {TASKS_HELP}"
+    description = (f"{(config_cls.__doc__ or '').strip()} Or --tasks FILE (and no other flag): "
+                   f"{TASKS_HELP}.")
     run(parse_config(config_cls, argv, description=description))
     return 0

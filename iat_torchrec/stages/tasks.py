@@ -28,13 +28,15 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Tuple, Type, TypeVar, Union
 
 from iat_torchrec.config import ConfigError, from_dict
 from iat_torchrec.atomic import atomic_output
 
 C = TypeVar("C")
 TASK_MARK = "=== task"
+TASKS_HELP = ("a task file (iat_torchrec.stages.tasks): run each of its configs, in order, in "
+              "this one launch")
 
 
 @dataclasses.dataclass
@@ -72,18 +74,20 @@ def read_tasks(path: Union[str, Path]) -> List[Task]:
     return tasks
 
 
-def task_configs(config_cls: Type[C], path: Union[str, Path]) -> List[C]:
-    """Every task's config, built (and so checked) before any of them runs."""
+def load_tasks(config_cls: Type[C], path: Union[str, Path]) -> List[Tuple[Task, C]]:
+    """Every task of the file with its config, built (and so checked) before any of them
+    runs."""
     out = []
     for task in read_tasks(path):
         try:
-            out.append(from_dict(config_cls, task.config))
+            out.append((task, from_dict(config_cls, task.config)))
         except ConfigError as e:
             raise ConfigError(f"{path}: task {task.name}: {e}") from None
     return out
 
 
-def _now() -> str:
+def now_utc() -> str:
+    """The time now (UTC, ISO-8601 in seconds), as records hold it."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -95,15 +99,14 @@ def _write_record(task: Task, **fields: Any) -> None:
 
 def run_tasks(config_cls: Type[C], run: Callable[[C], Any], path: Union[str, Path]) -> None:
     """Run every task of the file at ``path`` in order (see the module docstring)."""
-    tasks = read_tasks(path)
-    configs = task_configs(config_cls, path)
+    tasks = load_tasks(config_cls, path)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    for i, (task, config) in enumerate(zip(tasks, configs), 1):
+    for i, (task, config) in enumerate(tasks, 1):
         print(f"{TASK_MARK} {i}/{len(tasks)}: {task.name} ===", flush=True)
-        started, started_at = time.perf_counter(), _now()
+        started, started_at = time.perf_counter(), now_utc()
         if is_main and task.record:
             _write_record(task, state="running", started_at=started_at)
         run(config)
         if is_main and task.record:
-            _write_record(task, state="done", started_at=started_at, finished_at=_now(),
+            _write_record(task, state="done", started_at=started_at, finished_at=now_utc(),
                           seconds=round(time.perf_counter() - started, 2))
