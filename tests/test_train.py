@@ -26,6 +26,7 @@ from iat_torchrec.stages.compress import CompressConfig, run_compress
 from iat_torchrec.stages.train import TrainDownstreamConfig, TrainInputError, run_train
 from iat_torchrec.stages.assemble import AssembleConfig, assemble_history
 from iat_torchrec.tokens.shards import HistoryShardsError
+from iat_torchrec.train.loop import Trainer, plateau_schedule
 from torchx_components import components
 
 SMALL_SOURCE = ["--scheme", "temporal", "--model.token_dim", "8", "--model.dense_arch_layers",
@@ -129,6 +130,27 @@ def test_resume_keeps_the_epochs_and_their_selection(world, tmp_path):
     assert [e["epoch"] for e in again["epochs"]] == [0, 1]
     assert again["epochs"][0] == first["epochs"][0]  # restored from the checkpoint
     assert again["steps"] == 2 * first["steps"]
+
+
+def test_early_stopping_and_plateau_decay_survive_a_resume(world, tmp_path, monkeypatch):
+    scales = []
+    set_scale = Trainer.set_lr_scale
+    monkeypatch.setattr(Trainer, "set_lr_scale",
+                        lambda self, scale: (scales.append(scale), set_scale(self, scale))[1])
+    args = _args(world, "none", "--train.epochs", "8", "--patience", "2",
+                 "--plateau_lr_factor", "0.5", "--sharding.dense_lr", "0.1", "--sharding.sparse_lr", "0.5",
+                 "--train.checkpoint_dir", str(tmp_path / "ck"))
+    got = run_train(parse_config(TrainDownstreamConfig, args))
+    aucs = [e["valid"]["click"]["auc"] for e in got["epochs"]]
+    # It stopped where the schedule says, before the last epoch, each epoch at its scale.
+    assert 2 < len(aucs) < 8
+    assert plateau_schedule(aucs, 2, 0.5) is None
+    assert plateau_schedule(aucs[:-1], 2, 0.5) is not None
+    assert scales == [plateau_schedule(aucs[:i], 2, 0.5) for i in range(len(aucs))]
+    assert min(scales) < 1.0
+    # A rerun resumes at the stop and stops again without a step.
+    again = run_train(parse_config(TrainDownstreamConfig, args))
+    assert again["epochs"] == got["epochs"] and again["steps"] == got["steps"]
 
 
 def test_bad_inputs_are_refused_before_training(world, tmp_path, monkeypatch):

@@ -17,8 +17,13 @@ Decisions:
 - **Model selection**: valid *and* test are evaluated after every epoch (cheap next to
   training at this project's scale); the reported ``test`` metrics are those of the epoch with
   the best valid AUC of the first label (early stopping on valid AUC, METHOD.md P1), and every
-  epoch's metrics are kept in ``epochs``. No model copy has to be kept or reloaded; the per-epoch
-  metrics ride in the checkpoints (rank state), so a resumed run reports the same selection.
+  epoch's metrics are kept in ``epochs``. With ``patience`` training stops once that many
+  epochs in a row brought no better valid AUC, and ``plateau_lr_factor`` scales every learning
+  rate (Adam's and the fused embedding optimizer's) after each such epoch (the peer's schedule,
+  :func:`~iat_torchrec.train.loop.plateau_schedule`); both follow from the kept per-epoch
+  metrics, so a resumed run stops and decays where an uninterrupted one does. No model copy
+  has to be kept or reloaded; the per-epoch metrics ride in the checkpoints (rank state), so a
+  resumed run reports the same selection.
 - Training order: shuffled, one permutation per epoch (the reader's seed ``seed``, epoch
   ``epoch``); valid and test are read in time order.
 - The item-id history's items come from ``item_logs``, by default the logs recorded as exported
@@ -44,7 +49,8 @@ import torch
 from iat_torchrec.config import nested
 from iat_torchrec.data.reader import ReaderConfig, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec, SpecError
-from iat_torchrec.distributed.collectives import DistEnv, init_process_group
+from iat_torchrec.distributed.collectives import (DistEnv, broadcast_object,
+                                                  init_process_group)
 from iat_torchrec.models.dlrm_sif import (DEFAULT_FIELDS_PER_SUBTOKEN, DLRM_SIF, DLRM_SIFTrain,
                                           DLRMSIFConfig)
 from iat_torchrec.models.history import DEFAULT_GAP_VOCAB
@@ -56,7 +62,7 @@ from iat_torchrec.tokens.downstream import DownstreamDataError, DownstreamReader
 from iat_torchrec.tokens.lookup import InstanceTokenLookup, SampleCodeLookup
 from iat_torchrec.tokens.shards import HistoryShards, HistoryShardsError
 from iat_torchrec.tokens.store import TokenStore
-from iat_torchrec.train.loop import Trainer, evaluate
+from iat_torchrec.train.loop import Trainer, evaluate, plateau_schedule
 
 STAGE = "train"
 SPLITS = ("train", "valid", "test")
@@ -88,7 +94,17 @@ class TrainDownstreamConfig(TrainingStageConfig):
     token_dim: int = dataclasses.field(default=0, metadata={
         "help": "IAT token width the model expects (0: the IAT store's); a store of another "
                 "width is refused"})
+    patience: int = dataclasses.field(default=0, metadata={
+        "help": "early stopping: stop after this many epochs in a row without a better valid "
+                "AUC (0: train every epoch)"})
+    plateau_lr_factor: float = dataclasses.field(default=1.0, metadata={
+        "help": "every learning rate x this after each epoch without a better valid AUC "
+                "(1: constant)"})
     model: DLRMSIFConfig = nested(DLRMSIFConfig, "the downstream model")
+
+    def __post_init__(self) -> None:
+        if self.patience < 0 or not 0.0 < self.plateau_lr_factor <= 1.0:
+            raise ValueError("patience must be >= 0 and plateau_lr_factor in (0, 1]")
 
 
 # Settings that do not shape training: a resume may change them.
@@ -258,13 +274,19 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
     trainer = Trainer(model, optimizer, env, make_reader, cfg.train, fingerprint,
                       rank_state=(lambda: {"epochs": list(epochs)},
                                   lambda s: epochs.extend(s["epochs"])))
+    first = spec.labels[0]
+
+    def schedule() -> Optional[float]:
+        aucs = [e["valid"][first]["auc"] for e in epochs]
+        scale = plateau_schedule(aucs, cfg.patience, cfg.plateau_lr_factor)
+        return broadcast_object(scale, env)
+
     train_start = time.perf_counter()
-    steps = trainer.fit(after_epoch=after_epoch)
+    steps = trainer.fit(after_epoch=after_epoch, schedule=schedule)
     train_seconds = time.perf_counter() - train_start
 
     best: Optional[Dict[str, Any]] = None
     if env.is_main and epochs:
-        first = spec.labels[0]
         best = max(epochs, key=lambda e: e["valid"][first]["auc"])
         if best["test"] is not None:
             stage_log(env, STAGE, f"best epoch {best['epoch']} test {_metrics_line(best['test'])}")

@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -77,6 +77,26 @@ class ProgressLog:
             self.last, self.rows_since = now, 0
 
 
+def plateau_schedule(valid_aucs: Sequence[float], patience: int, factor: float
+                     ) -> Optional[float]:
+    """Early stopping and learning-rate decay on plateau from the valid AUCs of the epochs done
+    so far (FuxiCTR's schedule, METHOD.md P1): the next epoch's learning-rate scale is
+    ``factor`` to the number of epochs that did not beat the best before them, or None (stop)
+    once the last ``patience`` epochs did not (``patience`` 0: never stop).
+
+    Example: ``plateau_schedule([0.70, 0.72, 0.71], patience=2, factor=0.1)`` is 0.1;
+    ``plateau_schedule([0.70, 0.69, 0.69], 2, 0.1)`` is None."""
+    best, since_best, worse = float("-inf"), 0, 0
+    for value in valid_aucs:
+        if value > best:
+            best, since_best = value, 0
+        else:
+            since_best, worse = since_best + 1, worse + 1
+    if patience and since_best >= patience:
+        return None
+    return factor ** worse
+
+
 class Trainer:
     """Epochs of pipelined training with checkpoint and resume.
 
@@ -98,13 +118,25 @@ class Trainer:
         self.make_reader, self.config, self.fingerprint = make_reader, config, fingerprint
         self.get_rank_state, self.set_rank_state = rank_state or (dict, lambda s: None)
         self.pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
+        # Every optimizer's learning rates as configured (what ``lr_scale`` multiplies).
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Every learning rate = its configured value x ``scale`` (fused embedding optimizers
+        take it at their next step)."""
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = lr * scale
 
     def fit(self, after_epoch: Optional[Callable[[int], None]] = None,
-            before_epoch: Optional[Callable[[int], None]] = None) -> int:
+            before_epoch: Optional[Callable[[int], None]] = None,
+            schedule: Optional[Callable[[], Optional[float]]] = None) -> int:
         """Train all epochs (resuming if a checkpoint exists); returns the global step.
 
         ``before_epoch(epoch)`` runs when an epoch starts from its first batch (not when a run
-        resumes in the middle of one); ``after_epoch(epoch)`` when it ends."""
+        resumes in the middle of one); ``after_epoch(epoch)`` when it ends. ``schedule()``, asked
+        before every epoch (a resumed one included, so it must derive its answer from state that
+        checkpoints keep), returns the learning-rate scale of that epoch, or None to stop
+        training there (early stopping); it must answer alike on every rank."""
         cfg = self.config
         epoch, skip, step = 0, 0, 0
         ckpt = latest_checkpoint(Path(cfg.checkpoint_dir)) if cfg.checkpoint_dir else None
@@ -117,6 +149,11 @@ class Trainer:
             if self.env.is_main:
                 print(f"[train] resumed from {ckpt} (epoch {epoch}, step {step})", flush=True)
         while epoch < cfg.epochs:
+            if schedule is not None:
+                scale = schedule()
+                if scale is None:
+                    break
+                self.set_lr_scale(scale)
             if skip == 0 and before_epoch is not None:
                 before_epoch(epoch)
             reader = self.make_reader(epoch)
