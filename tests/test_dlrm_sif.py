@@ -120,7 +120,8 @@ def test_the_variant_table_decides_what_each_source_reads_and_builds(world):
     assert set(VARIANTS) == set(HistorySource)
     needs = {s.value: (v.reads_history, v.uses_tokens, v.uses_codes, v.is_sif)
              for s, v in VARIANTS.items()}
-    assert needs == {"none": (False, False, False, False), "din": (True, False, False, False),
+    assert needs == {"none": (False, False, False, False), "pooled": (True, False, False, False),
+                     "din": (True, False, False, False),
                      "bst": (True, False, False, False), "iat": (True, True, False, False),
                      "sif_codes": (True, False, True, True), "sif_iat": (True, True, False, True),
                      "sif_both": (True, True, True, True)}
@@ -242,7 +243,7 @@ def _more_padding(history: HistoryBatch, extra: int) -> HistoryBatch:
                         length=history.length)
 
 
-@pytest.mark.parametrize("source", ["bst", "iat", "sif_both"])
+@pytest.mark.parametrize("source", ["pooled", "bst", "iat", "sif_both"])
 def test_longer_padding_changes_nothing(world, source):
     model = build(world, small_config(source)).eval()
     b = world.batch
@@ -292,12 +293,13 @@ def test_code_lookup_follows_the_token_stores_rows(world):
     assert int(codes[0, 2].abs().sum()) == 0
 
 
-@pytest.mark.parametrize("source", ["iat", "sif_both"])
-def test_sharded_on_meta_with_the_train_pipeline(world, source):
+@pytest.mark.parametrize("source,interaction", [("iat", "mixer"), ("sif_both", "mixer"),
+                                                ("pooled", "dcn")])
+def test_sharded_on_meta_with_the_train_pipeline(world, source, interaction):
     """EBC on meta, DMP in a one-process gloo group, the unsharded model's weights copied in:
     the same loss; then TrainPipelineSparseDist pipelines the EBC (the tower is a leaf) and
     steps."""
-    cfg = small_config(source)
+    cfg = small_config(source, interaction)
     full = DLRM_SIFTrain(build(world, cfg))
     env = init_process_group("cpu")
     try:

@@ -1,5 +1,5 @@
-"""History branches: DIN, BST and the IAT branch on their own: masks (padding invariance, any
-alignment), empty histories, frozen tokens."""
+"""History branches: DIN, BST, the mean pool and the IAT branch on their own: masks (padding
+invariance, any alignment), empty histories, frozen tokens."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from iat_torchrec.history import LABEL_PAD, LABEL_UNKNOWN
 from iat_torchrec.models.history import (BSTConfig, BSTEncoder, DINAttention, DINConfig,
-                                         IATBranch, IATBranchConfig)
+                                         IATBranch, IATBranchConfig, MeanPoolHistory)
 
 B, L, D, TOKEN_DIM, QUERY_DIM, GAPS = 5, 7, 16, 12, 24, 20
 LENGTHS = [0, 1, 3, 7, 5]  # an empty history, a full one
@@ -40,7 +40,7 @@ def _branches():
                                                              num_heads=2, position_buckets=8),
                     gap_vocab=GAPS)
     return {"din": din, "din_softmax": din_softmax, "bst": bst, "bst_mean": bst_mean,
-            "iat": iat}
+            "iat": iat, "mean": MeanPoolHistory(D)}
 
 
 def _run(name: str, module: torch.nn.Module, x) -> torch.Tensor:
@@ -85,7 +85,7 @@ def _right_align(x):
     return out
 
 
-@pytest.mark.parametrize("name", ["din", "din_softmax", "bst", "bst_mean", "iat"])
+@pytest.mark.parametrize("name", ["din", "din_softmax", "bst", "bst_mean", "iat", "mean"])
 def test_padding_invariance(name):
     module = _branches()[name].eval()
     x = _inputs()
@@ -96,7 +96,7 @@ def test_padding_invariance(name):
         assert torch.allclose(_run(name, module, variant), ref, atol=1e-5), name
 
 
-@pytest.mark.parametrize("name", ["din", "din_softmax", "bst", "bst_mean", "iat"])
+@pytest.mark.parametrize("name", ["din", "din_softmax", "bst", "bst_mean", "iat", "mean"])
 def test_empty_history_is_finite_with_finite_gradients(name):
     module = _branches()[name]
     x = _scramble_padding(_inputs())
@@ -106,14 +106,14 @@ def test_empty_history_is_finite_with_finite_gradients(name):
     out.square().sum().backward()
     for p_name, p in module.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), p_name
-    if name.startswith("din"):
+    if name.startswith(("din", "mean")):
         assert torch.equal(out, torch.zeros_like(out))  # nothing to attend to
     zero_length = {k: (v[:, :0] if v.dim() > 1 and k not in ("target", "query") else v)
                    for k, v in _inputs().items()}
     assert torch.isfinite(_run(name, module, zero_length)).all()
 
 
-@pytest.mark.parametrize("name", ["din", "bst", "iat"])
+@pytest.mark.parametrize("name", ["din", "bst", "iat", "mean"])
 def test_history_content_matters(name):
     """The masks do not make the branches blind: real steps change the output."""
     module = _branches()[name].eval()

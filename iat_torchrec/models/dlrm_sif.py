@@ -5,13 +5,15 @@ an over arch. The history sources and the parts each one uses are the table of
 into parts:
 
 - history feature parts, each one more feature token [B, D] for the interaction:
-  :class:`ItemHistoryArch` (DIN or BST over the last k item ids) and :class:`IATHistoryArch`
-  (the IAT branch over instance tokens);
+  :class:`ItemHistoryArch` (DIN, BST or a mean pool over the last k item ids) and
+  :class:`IATHistoryArch` (the IAT branch over instance tokens);
 - SIF-Mixer history rows [B, L, T, d0]: :class:`TokenRows` (IAT tokens mapped to T x d0) and
   :class:`CodeRows` (codebook sums of HGAQ codes), summed when both;
 - the interaction: :class:`FeatureInteraction` around TorchRec's ``InteractionArch`` (``dot``:
-  with source ``none`` exactly TorchRec's DLRM, the reference) or ``SIFMixerInteractionArch``
-  (``mixer``: the SIF-Mixer over [dense; features]); for the SIF sources
+  with source ``none`` exactly TorchRec's DLRM, the reference), TorchRec's
+  ``InteractionDCNArch`` with a ``LowRankCrossNet`` (``dcn``: DCNv2 as in TorchRec's
+  ``DLRM_DCN``) or ``SIFMixerInteractionArch`` (``mixer``: the SIF-Mixer over [dense;
+  features]); for the SIF sources
   :class:`SIFMixerHistoryArch`, the full SIF-Mixer over [target row; history rows].
 
 Structure (what DistributedModelParallel and ``TrainPipelineSparseDist`` see):
@@ -79,7 +81,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, SparseArch, choose
+from torchrec.models.dlrm import (DenseArch, InteractionArch, InteractionDCNArch, OverArch,
+                                  SparseArch, choose)
+from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -89,7 +93,8 @@ from iat_torchrec.history import (LABEL_VOCAB_SIZE, DownstreamBatch, HistoryBatc
                                   history_item_features, last_steps)
 from iat_torchrec.models.hgaq import HGAQConfig, keyed_columns, subtoken_layout
 from iat_torchrec.models.history import (DEFAULT_GAP_VOCAB, BSTConfig, BSTEncoder, DINAttention,
-                                         DINConfig, IATBranch, IATBranchConfig)
+                                         DINConfig, IATBranch, IATBranchConfig,
+                                         MeanPoolHistory)
 from iat_torchrec.models.mixer import (IATHistoryProjection, SIFMixer, SIFMixerConfig,
                                        SIFMixerInteractionArch)
 from iat_torchrec.models.variants import INTERACTIONS, ITEM_BRANCHES, HistorySource, Variant
@@ -105,7 +110,8 @@ class DLRMSIFConfig:
     history_source: HistorySource = dataclasses.field(default=HistorySource.NONE, metadata={
         "help": " | ".join(s.value for s in HistorySource)})
     interaction: str = dataclasses.field(default="mixer", metadata={
-        "help": "mixer (SIF-Mixer) | dot (TorchRec DLRM's); SIF sources need mixer"})
+        "help": "mixer (SIF-Mixer) | dot (TorchRec DLRM's) | dcn (DCNv2: TorchRec DLRM_DCN's "
+                "low-rank cross net); SIF sources need mixer"})
     embedding_dim: int = dataclasses.field(default=16, metadata={
         "help": "D: width of every embedding table, the dense embedding and branch tokens"})
     dense_arch_layers: List[int] = dataclasses.field(default_factory=lambda: [64], metadata={
@@ -113,6 +119,10 @@ class DLRMSIFConfig:
     over_arch_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32], metadata={
         "help": "hidden sizes of the over arch (a final layer of one logit per label is "
                 "appended)"})
+    dcn_layers: int = dataclasses.field(default=2, metadata={
+        "help": "cross layers of the dcn interaction (2: TorchRec DLRM_DCN's example)"})
+    dcn_low_rank: int = dataclasses.field(default=8, metadata={
+        "help": "rank of each dcn cross layer's W V (8: TorchRec DLRM_DCN's example)"})
     mixer: SIFMixerConfig = dataclasses.field(default_factory=SIFMixerConfig, metadata={
         "help": "SIF-Mixer sizes (alignment_weight: weight of L_align)"})
     din: DINConfig = dataclasses.field(default_factory=DINConfig, metadata={"help": "DIN"})
@@ -124,7 +134,7 @@ class DLRMSIFConfig:
     item_history_len: int = dataclasses.field(default=50, metadata={
         "help": "k: the item-id history is the last k steps of the history"})
     iat_item_branch: str = dataclasses.field(default="bst", metadata={
-        "help": "hand-crafted branch kept beside the IAT branch: bst | din | none"})
+        "help": "hand-crafted branch kept beside the IAT branch: bst | din | mean | none"})
 
     def __post_init__(self) -> None:
         self.history_source = HistorySource(self.history_source)
@@ -137,6 +147,9 @@ class DLRMSIFConfig:
         if self.iat_item_branch not in ITEM_BRANCHES:
             raise ValueError(f"iat_item_branch must be one of {ITEM_BRANCHES}, "
                              f"got {self.iat_item_branch!r}")
+        if self.dcn_layers <= 0 or self.dcn_low_rank <= 0:
+            raise ValueError(f"dcn_layers and dcn_low_rank must be > 0, got {self.dcn_layers} "
+                             f"and {self.dcn_low_rank}")
         if self.embedding_dim <= 0 or self.embedding_dim % 4:
             raise ValueError(f"embedding_dim must be a positive multiple of 4 (FBGEMM), "
                              f"got {self.embedding_dim}")
@@ -160,7 +173,7 @@ class DLRMSIFConfig:
 
     @property
     def item_branch(self) -> str:
-        """The hand-crafted item-id branch in use: none | din | bst."""
+        """The hand-crafted item-id branch in use: none | mean | din | bst."""
         return self.variant.item_branch_for(self.iat_item_branch)
 
 
@@ -240,13 +253,14 @@ class TowerInputs:
 
 
 class ItemHistoryArch(nn.Module):
-    """The hand-crafted item-id history as one feature token: DIN or BST over the item
-    embeddings of the last k history steps (the ``hist_item_*`` features of the item table),
-    the target's item embedding as query, label and gap as side information.
+    """The hand-crafted item-id history as one feature token: DIN, BST or a mean pool over the
+    item embeddings of the last k history steps (the ``hist_item_*`` features of the item
+    table), the target's item embedding as query, label and gap as side information.
 
     Args:
-        encoder: :class:`DINAttention` or :class:`BSTEncoder`, ``(target item [B, D], items
-            [B, k, D], label, gap_bucket, mask [B, k]) -> [B, D]``.
+        encoder: :class:`DINAttention`, :class:`BSTEncoder` or :class:`MeanPoolHistory`,
+            ``(target item [B, D], items [B, k, D], label, gap_bucket, mask [B, k]) ->
+            [B, D]``.
         item_index: the item field's position among the sparse features.
         history_len: k.
         gap_pad: the gap bucket of padding steps.
@@ -337,7 +351,8 @@ class FeatureInteraction(nn.Module):
     (arch(dense, features) [B, output_dim], zero alignment loss [B])``.
 
     Args:
-        arch: TorchRec's ``InteractionArch`` or :class:`SIFMixerInteractionArch`.
+        arch: TorchRec's ``InteractionArch`` or ``InteractionDCNArch``, or
+            :class:`SIFMixerInteractionArch`.
         output_dim: the width of its output (default ``arch.output_dim``).
 
     Example::
@@ -492,6 +507,7 @@ def build_tower(spec: FeatureSpec, config: DLRMSIFConfig, *,
     if v.uses_tokens and token_dim is None:
         token_dim = int(getattr(token_lookup, "dim"))
     item_encoders: Dict[str, Callable[[], nn.Module]] = {
+        "mean": lambda: MeanPoolHistory(d, LABEL_VOCAB_SIZE, device=device),
         "din": lambda: DINAttention(d, config.din, LABEL_VOCAB_SIZE, gap_vocab_size,
                                     device=device),
         "bst": lambda: BSTEncoder(d, config.bst, LABEL_VOCAB_SIZE, gap_vocab_size,
@@ -536,6 +552,9 @@ def build_tower(spec: FeatureSpec, config: DLRMSIFConfig, *,
         n = num_sparse + len(history_archs)
         interactions: Dict[str, Callable[[], FeatureInteraction]] = {
             "dot": lambda: FeatureInteraction(InteractionArch(n), d + choose(n, 2) + n),
+            # As DLRM_DCN builds it; LowRankCrossNet takes no device argument.
+            "dcn": lambda: FeatureInteraction(InteractionDCNArch(n, LowRankCrossNet(
+                (n + 1) * d, config.dcn_layers, config.dcn_low_rank).to(device)), (n + 1) * d),
             "mixer": lambda: FeatureInteraction(
                 SIFMixerInteractionArch(d, [d] * n, config.mixer, device=device)),
         }
@@ -547,8 +566,8 @@ def build_tower(spec: FeatureSpec, config: DLRMSIFConfig, *,
 
 
 class DLRM_SIF(nn.Module):
-    """DLRM with a history source and the SIF-Mixer (or TorchRec's dot) as interaction: the
-    sparse arch (one EBC) and the tower of :func:`build_tower`.
+    """DLRM with a history source and the SIF-Mixer (or TorchRec's dot or DCNv2) as
+    interaction: the sparse arch (one EBC) and the tower of :func:`build_tower`.
 
     Args:
         spec: the feature spec (sparse fields get D-wide tables; labels give the logits).

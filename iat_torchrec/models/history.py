@@ -1,5 +1,5 @@
-"""History branches of the downstream model: DIN and BST over item-id histories, and the IAT
-branch over instance tokens (METHOD.md, "Stage 3").
+"""History branches of the downstream model: DIN, BST and a mean pool over item-id histories,
+and the IAT branch over instance tokens (METHOD.md, "Stage 3").
 
 Each branch reads one target sample's history ``[B, L, ...]`` with the per-step side information
 of :class:`~iat_torchrec.history.HistoryBatch` (``label`` with the LABEL_* values,
@@ -13,6 +13,8 @@ feature interaction as one more feature:
 - :class:`BSTEncoder`: Behaviour Sequence Transformer. Tokens ``[target; history]``, the history
   steps carrying label, time-gap and position-from-the-end embeddings; pre-LayerNorm Transformer
   blocks with a padding mask; the output is the target token (or the masked mean of all tokens).
+- :class:`MeanPoolHistory`: the peer library's DNN baseline (METHOD.md, "How the peer's numbers
+  were made"): the mean item embedding plus the mean label embedding over the real steps.
 - :class:`IATBranch`: instance tokens e (frozen, from the token lookup) -> adaptation
   ``sigmoid(W e + b)`` (64) concatenated with side-information embeddings (label + gap, 64) ->
   128 per step; a query token, a compressed linear projection of the current sample's features,
@@ -25,8 +27,8 @@ Decisions where METHOD.md is silent:
   their ids replaced by 0 before embedding lookups, and attention never looks at them, so outputs
   do not depend on what padding holds or on how much of it there is, nor on where the real steps
   sit (left- or right-aligned). The target (BST) or query (IAT) token is always real, so no
-  softmax is ever empty; DIN over an empty history returns zeros. All three give finite values
-  and gradients for empty histories.
+  softmax is ever empty; DIN and the mean pool over an empty history return zeros. All give
+  finite values and gradients for empty histories.
 - Speed without a change of result: the steps that are padding in every sample of the batch are
   cut off first (:func:`~iat_torchrec.models.padding.trim`; without padding left, attention runs
   unmasked); attention is laid out as in :mod:`iat_torchrec.models.attention`; DIN's activation
@@ -319,6 +321,43 @@ class BSTEncoder(nn.Module):
         return x.sum(1) / full.sum(1, keepdim=True).to(x.dtype)
 
 
+# --------------------------------------------------------------------------- mean pool
+class MeanPoolHistory(nn.Module):
+    """Mean pooling of an item-id history with its labels: the mean of the item embeddings plus
+    the mean of learned label embeddings over the real steps (the peer library's DNN; its label
+    ids already tell unknown / not matured labels apart). Target and time gaps are not read.
+
+    Args:
+        embed_dim: D, the item embedding width.
+        label_vocab: label side-information ids (LABEL_* values).
+        device: where the parameters live.
+
+    Example::
+
+        pool = MeanPoolHistory(16)
+        out = pool(target_item,           # [B, 16] (unused)
+                   history_items,         # [B, L, 16] item embeddings
+                   history.label, history.gap_bucket, history.mask)   # -> [B, 16]
+    """
+
+    def __init__(self, embed_dim: int, label_vocab: int = LABEL_VOCAB_SIZE,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.label_embedding = nn.Embedding(label_vocab, embed_dim, device=device)
+        self.output_dim: int = embed_dim
+        nn.init.normal_(self.label_embedding.weight, std=0.02)
+
+    def forward(self, target: torch.Tensor, items: torch.Tensor, label: torch.Tensor,
+                gap_bucket: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """target [B, D] (unused), items [B, L, D], label / gap_bucket (unused) [B, L] int,
+        mask [B, L] bool -> [B, D] (zeros for an empty history)."""
+        mask = mask.bool()
+        steps = zero_padding(items, mask) + embed(self.label_embedding, masked_ids(label, mask))
+        count = mask.sum(1, keepdim=True).clamp_min(1).to(steps.dtype)
+        return zero_padding(steps, mask).sum(1) / count
+
+
 # --------------------------------------------------------------------------- IAT
 class IATBranch(nn.Module):
     """The IAT branch: frozen instance tokens -> adaptation + side information -> a Transformer
@@ -391,5 +430,5 @@ class IATBranch(nn.Module):
 __all__: Sequence[str] = (
     "LABEL_VOCAB_SIZE", "DEFAULT_GAP_VOCAB", "DINConfig", "BSTConfig", "IATBranchConfig",
     "masked_ids", "zero_padding", "TransformerBlock",
-    "DINAttention", "BSTEncoder", "IATBranch",
+    "DINAttention", "BSTEncoder", "MeanPoolHistory", "IATBranch",
 )

@@ -8,7 +8,9 @@ them and nothing else decides per source. The sources:
 =============  ============  ==========  ==============  ========================================
 source         item branch   IAT branch  SIF-Mixer rows  reads
 =============  ============  ==========  ==============  ========================================
-``none``       none          no          none            nothing: DLRM (``dot``: TorchRec's)
+``none``       none          no          none            nothing: DLRM (``dot``: TorchRec's,
+                                                         ``dcn``: its DLRM_DCN)
+``pooled``     mean          no          none            histories, item ids
 ``din``        DIN           no          none            histories, item ids
 ``bst``        BST           no          none            histories, item ids
 ``iat``        from config   yes         none            histories, IAT tokens (+ item ids)
@@ -19,11 +21,12 @@ source         item branch   IAT branch  SIF-Mixer rows  reads
 =============  ============  ==========  ==============  ========================================
 
 ``iat``'s item branch is the config's ``iat_item_branch`` (default ``bst``): the paper keeps the
-hand-crafted branch and adds IAT, so ``iat`` compares against ``bst``.
+hand-crafted branch and adds IAT, so ``iat`` compares against ``bst``. ``pooled`` is the peer
+library's DNN (mean item and mean label of the last k steps, METHOD.md "Protocol P1").
 
-Item and IAT branches give one more feature token to the interaction (``dot`` or ``mixer``);
-SIF-Mixer rows (the sum of the listed encodings of each history step) go into the full SIF-Mixer,
-which is then the interaction (``mixer`` only).
+Item and IAT branches give one more feature token to the interaction (``dot``, ``dcn`` or
+``mixer``); SIF-Mixer rows (the sum of the listed encodings of each history step) go into the
+full SIF-Mixer, which is then the interaction (``mixer`` only).
 
 What a stage or the pipeline asks (this module imports only the standard library)::
 
@@ -47,8 +50,8 @@ import enum
 import types
 from typing import Mapping, Optional, Sequence, Tuple
 
-INTERACTIONS = ("mixer", "dot")
-ITEM_BRANCHES = ("none", "din", "bst")
+INTERACTIONS = ("mixer", "dot", "dcn")
+ITEM_BRANCHES = ("none", "mean", "din", "bst")
 ROW_ENCODINGS = ("tokens", "codes")
 
 
@@ -56,6 +59,7 @@ class HistorySource(str, enum.Enum):
     """Where the downstream model's history comes from: the key of :data:`VARIANTS`."""
 
     NONE = "none"
+    POOLED = "pooled"
     DIN = "din"
     BST = "bst"
     IAT = "iat"
@@ -88,8 +92,8 @@ class Variant:
     """The history parts of one source.
 
     Args:
-        item_branch: the hand-crafted item-id branch (``none | din | bst``), or None for the
-            config's ``iat_item_branch``.
+        item_branch: the hand-crafted item-id branch (``none | mean | din | bst``), or None for
+            the config's ``iat_item_branch``.
         iat_branch: the IAT branch (tokens -> one feature token) is in.
         sif_rows: encodings summed into SIF-Mixer history rows (``tokens``, ``codes``); non-empty
             makes the full SIF-Mixer the interaction.
@@ -129,13 +133,14 @@ class Variant:
         return self.item_branch != "none" or self.iat_branch or self.is_sif
 
     def item_branch_for(self, iat_item_branch: str) -> str:
-        """The item branch in use (``none | din | bst``) given the config's
+        """The item branch in use (``none | mean | din | bst``) given the config's
         ``iat_item_branch``."""
         return iat_item_branch if self.item_branch is None else self.item_branch
 
 
 VARIANTS: Mapping[HistorySource, Variant] = types.MappingProxyType({
     HistorySource.NONE: Variant(),
+    HistorySource.POOLED: Variant(item_branch="mean"),
     HistorySource.DIN: Variant(item_branch="din"),
     HistorySource.BST: Variant(item_branch="bst"),
     HistorySource.IAT: Variant(item_branch=None, iat_branch=True),
