@@ -160,3 +160,50 @@ def test_every_pass_starts_without_context(tmp_path):
     finally:
         compress.Trainer.fit = original
     assert seen == [0, 0]
+
+
+def test_sit_reads_a_label_only_once_matured_at_the_query():
+    """Flipping instance j's label changes exactly the outputs of the queries at whose time it
+    had matured (ts_j + delay <= ts_i, ts_j < ts_i): never j's own, never an earlier one."""
+    torch.manual_seed(0)
+    sit = SourceInstanceTransformer(16, 2, 2, context=8, num_labels=1).eval()
+    x = torch.randn(1, 8, 16)
+    ts = torch.tensor([[0, 10, 10, 20, 25, 40, 40, 60]])
+    labels = torch.zeros(1, 8, 1)
+    for delay in (0, 15):
+        out = sit(x, labels=labels, ts=ts, label_delay=delay)
+        for j in range(8):
+            flipped = labels.clone()
+            flipped[0, j, 0] = 1.0
+            changed = (sit(x, labels=flipped, ts=ts, label_delay=delay) - out).abs().amax(-1)[0]
+            matured = (ts[0, j] < ts[0]) & (ts[0, j] + delay <= ts[0])
+            assert torch.equal(changed > 1e-6, matured), (delay, j)
+
+
+def test_streaming_with_labels_equals_one_long_batch():
+    cfg = dataclasses.replace(CONFIG, sit_context=3, sit_labels=True)
+    g = torch.Generator().manual_seed(2)
+    z = torch.rand(9, 16, generator=g)
+    labels = torch.randint(0, 2, (9, 2), generator=g).float()
+    ts = torch.tensor([1, 2, 2, 5, 6, 6, 7, 9, 12])
+    users, ones = torch.full((9,), 3), torch.ones(9)
+    torch.manual_seed(0)
+    whole = SourceModelTrain(tiny_spec(), cfg, Scheme.USER).objective.eval()
+    expected = whole._sit_outputs(z, users, ones, labels, ts)
+    for cut in (1, 4, 8):
+        torch.manual_seed(0)
+        split = SourceModelTrain(tiny_spec(), cfg, Scheme.USER).objective.eval()
+        got = torch.cat([split._sit_outputs(z[:cut], users[:cut], ones[:cut], labels[:cut],
+                                            ts[:cut]),
+                         split._sit_outputs(z[cut:], users[cut:], ones[cut:], labels[cut:],
+                                            ts[cut:])])
+        assert torch.allclose(got, expected, atol=1e-5), cut
+
+
+def test_source_model_with_sit_labels_trains(batch):
+    torch.manual_seed(0)
+    model = SourceModelTrain(tiny_spec(), dataclasses.replace(CONFIG, sit_labels=True),
+                             Scheme.USER)
+    loss, _ = model(batch)
+    loss.backward()
+    assert model.objective.sit.label_embedding.weight.grad.abs().sum() > 0

@@ -12,7 +12,10 @@ Two training schemes (METHOD.md, "Stage 1a"):
 - ``user``: rows arrive grouped by user and time-sorted; a causal Source Instance Transformer
   (SIT) runs over each user's ``z`` sequence, with up to ``sit_context`` of the user's earlier
   tokens (from earlier batches, stop-gradient) in front; the loss is on the SIT outputs. The
-  stored token is always ``z`` from before the SIT.
+  stored token is always ``z`` from before the SIT. With ``sit_labels`` the SIT also reads the
+  labels of the user's earlier instances, each only where it had matured by the query's time
+  (``ts_j + label_delay <= ts_i``, ``ts_j < ts_i``; never the instance's own label): keeping
+  the context that earlier outcomes depend on then pays off in the source loss.
 
 ``bottleneck=False`` gives the same model without the bottleneck (the base model the paper
 compares against): ``h`` goes straight into the decompress MLP.
@@ -59,6 +62,8 @@ class SourceModelConfig:
     sit_heads: int = dataclasses.field(default=4, metadata={"help": "SIT attention heads"})
     sit_context: int = dataclasses.field(default=63, metadata={
         "help": "earlier tokens of the user (T-1) kept as stop-gradient SIT context"})
+    sit_labels: bool = dataclasses.field(default=False, metadata={
+        "help": "the SIT reads earlier instances' labels where matured by the query's time"})
 
 
 def embedding_tables(spec: FeatureSpec) -> List[EmbeddingBagConfig]:
@@ -111,9 +116,24 @@ class SourceInstanceTransformer(nn.Module):
     itself and the user's previous ``context`` tokens, with a linear recency bias on the
     attention scores (ALiBi-style, slope ``1 / context``) in place of absolute positions: an
     output depends only on the tokens it sees and how far back they are, so it does not change
-    with where batch boundaries fall, given the streamed context."""
+    with where batch boundaries fall, given the streamed context.
 
-    def __init__(self, dim: int, layers: int, heads: int, context: int,
+    With ``num_labels`` > 0, :meth:`forward` also takes the labels and timestamps of the tokens:
+    the first layer's keys and values then come in two copies per token, without and with the
+    token's label embedding (a learned vector per label and value, summed over labels), and a
+    query at time t sees the labelled copy of an earlier token exactly when its label had
+    matured by t (``ts_j + label_delay <= t``, ``ts_j < t``), the plain copy otherwise (its
+    own token always plain). Later layers read outputs that saw only labels matured by their
+    own time, which are matured at any later query: no label reaches a query before it is
+    known.
+
+    Example::
+
+        sit = SourceInstanceTransformer(64, layers=2, heads=4, context=63, num_labels=1)
+        out = sit(z, labels=y, ts=ts, label_delay=0)   # [U, S, 64], [U, S, 1], [U, S]
+    """
+
+    def __init__(self, dim: int, layers: int, heads: int, context: int, num_labels: int = 0,
                  device: Optional[torch.device] = None) -> None:
         super().__init__()
         layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0,
@@ -121,54 +141,110 @@ class SourceInstanceTransformer(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.context = context
         self.num_layers = layers
+        self.num_heads = heads
+        # Row 2 k + y: label k with value y (N(0, 1) init: on the scale of the normed tokens).
+        self.label_embedding = (nn.Embedding(2 * num_labels, dim, device=device)
+                                if num_labels else None)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [U, S, d] -> outputs [U, S, d]. Rows are left-aligned: any padding follows a
-        row's real tokens, so causal attention never lets a real token see it (and a padding
-        position always has itself to attend to: no empty softmax). Outputs at padding
-        positions are meaningless."""
-        s = tokens.shape[1]
-        i = torch.arange(s, device=tokens.device)
-        gap = (i.unsqueeze(1) - i.unsqueeze(0)).to(tokens.dtype)
+    def _bias(self, s: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[S, S] additive scores: recency bias inside the causal window, -inf outside."""
+        i = torch.arange(s, device=device)
+        gap = (i.unsqueeze(1) - i.unsqueeze(0)).to(dtype)
         allowed = (gap >= 0) & (gap <= self.context)
-        bias = torch.where(allowed, -gap / max(self.context, 1), float("-inf"))
-        return self.encoder(tokens, mask=bias)
+        return torch.where(allowed, -gap / max(self.context, 1), float("-inf"))
+
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                ts: Optional[torch.Tensor] = None, label_delay: int = 0) -> torch.Tensor:
+        """tokens [U, S, d] (labels [U, S, num_labels] in {0, 1} and ts [U, S] int when the SIT
+        reads labels) -> outputs [U, S, d]. Rows are left-aligned: any padding follows a row's
+        real tokens, so causal attention never lets a real token see it (and a padding position
+        always has itself to attend to: no empty softmax). Outputs at padding positions are
+        meaningless."""
+        bias = self._bias(tokens.shape[1], tokens.device, tokens.dtype)
+        if self.label_embedding is None:
+            return self.encoder(tokens, mask=bias)
+        if labels is None or ts is None:
+            raise ValueError("this SIT reads labels: give labels and ts")
+        first, *rest = self.encoder.layers
+        x = tokens
+        y = first.norm1(x)
+        ids = 2 * torch.arange(labels.shape[-1], device=x.device) + labels.long()
+        labelled = y + self.label_embedding(ids).sum(-2)
+        matured = (ts.unsqueeze(2) > ts.unsqueeze(1)) & (
+            ts.unsqueeze(1) + label_delay <= ts.unsqueeze(2))  # [U, S_q, S_k]
+        plain = torch.where(matured, float("-inf"), bias)
+        with_label = torch.where(matured, bias, float("-inf"))
+        mask = torch.cat([plain, with_label], 2).repeat_interleave(self.num_heads, 0)
+        kv = torch.cat([y, labelled], 1)
+        x = x + first.dropout1(first.self_attn(y, kv, kv, attn_mask=mask,
+                                               need_weights=False)[0])
+        x = x + first._ff_block(first.norm2(x))
+        for layer in rest:
+            x = layer(x, src_mask=bias)
+        return x
 
 
 class UserContextCache:
-    """Each user's last ``size`` tokens, carried from batch to batch (stop-gradient context for
-    the streaming user-order scheme). Lives on the rank that owns the user."""
+    """Each user's last ``size`` tokens (and, for a SIT that reads labels, their labels and
+    timestamps), carried from batch to batch (stop-gradient context for the streaming
+    user-order scheme). Lives on the rank that owns the user."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.tokens: Dict[int, torch.Tensor] = {}
+        self.labels: Dict[int, torch.Tensor] = {}
+        self.ts: Dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def _padded(cached: Dict[int, torch.Tensor], users: List[int], size: int,
+                tail: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        out = torch.zeros(len(users), size, *tail, dtype=dtype, device=device)
+        for i, u in enumerate(users):
+            prev = cached.get(u)
+            if prev is not None:
+                out[i, :prev.shape[0]] = prev.to(device)
+        return out
 
     def context(self, users: List[int], dim: int, device: torch.device
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Left-aligned context [U, size, d] and its length per user [U]."""
-        ctx = torch.zeros(len(users), self.size, dim, device=device)
-        lengths = torch.zeros(len(users), dtype=torch.long, device=device)
-        for i, u in enumerate(users):
-            prev = self.tokens.get(u)
-            if prev is not None:
-                ctx[i, :prev.shape[0]] = prev.to(device)
-                lengths[i] = prev.shape[0]
-        return ctx, lengths
+        lengths = torch.tensor([self.tokens[u].shape[0] if u in self.tokens else 0
+                                for u in users], dtype=torch.long, device=device)
+        return (self._padded(self.tokens, users, self.size, (dim,), torch.float32, device),
+                lengths)
 
-    def update(self, users: List[int], segments: List[torch.Tensor]) -> None:
+    def side(self, users: List[int], num_labels: int, device: torch.device
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The context's labels [U, size, num_labels] and timestamps [U, size], left-aligned
+        like :meth:`context`."""
+        return (self._padded(self.labels, users, self.size, (num_labels,), torch.float32,
+                             device),
+                self._padded(self.ts, users, self.size, (), torch.long, device))
+
+    def update(self, users: List[int], segments: List[torch.Tensor],
+               labels: Optional[List[torch.Tensor]] = None,
+               ts: Optional[List[torch.Tensor]] = None) -> None:
+        """Append each user's new tokens [n, d] (with their labels [n, L] and ts [n] when
+        given) and keep the last ``size``."""
         if not self.size:
             return
-        for u, seg in zip(users, segments):
-            prev = self.tokens.get(u)
-            seq = seg if prev is None else torch.cat([prev.to(seg.device), seg])
-            self.tokens[u] = seq[-self.size:].detach().cpu()
+        parts = [(self.tokens, segments)]
+        if labels is not None and ts is not None:
+            parts += [(self.labels, labels), (self.ts, ts)]
+        for cached, segs in parts:
+            for u, seg in zip(users, segs):
+                prev = cached.get(u)
+                seq = seg if prev is None else torch.cat([prev.to(seg.device), seg])
+                cached[u] = seq[-self.size:].detach().cpu()
 
     def state_dict(self) -> Dict[str, object]:
-        return {"size": self.size, "tokens": self.tokens}
+        return {"size": self.size, "tokens": self.tokens, "labels": self.labels, "ts": self.ts}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         self.size = int(state["size"])
         self.tokens = dict(state["tokens"])
+        self.labels = dict(state.get("labels", {}))
+        self.ts = dict(state.get("ts", {}))
 
 
 def _segments(user_id: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -185,48 +261,66 @@ class SourceObjective(nn.Module):
     module of the source model (so it stays a leaf for TorchRec's pipeline tracer)."""
 
     def __init__(self, tower: InstanceTower, scheme: Scheme,
-                 sit: Optional[SourceInstanceTransformer] = None) -> None:
+                 sit: Optional[SourceInstanceTransformer] = None, label_delay: int = 0) -> None:
         super().__init__()
         self.tower = tower
         self.scheme = scheme
         self.sit = sit
+        self.label_delay = label_delay
         # A window of w tokens over n layers reaches n * w tokens back: keep that many.
         self.cache = UserContextCache(sit.context * sit.num_layers if sit is not None else 0)
         if scheme == Scheme.USER and sit is None:
             raise ValueError("the user-order scheme needs a Source Instance Transformer")
 
     def forward(self, pooled: KeyedTensor, dense: torch.Tensor, labels: torch.Tensor,
-                user_id: torch.Tensor, weight: torch.Tensor
+                user_id: torch.Tensor, weight: torch.Tensor, ts: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         z = self.tower.compress(pooled, dense)
         if self.scheme == Scheme.TEMPORAL:
             logits = self.tower.predict(z)
         else:
-            logits = self.tower.predict(self._sit_outputs(z, user_id, weight))
+            logits = self.tower.predict(self._sit_outputs(z, user_id, weight, labels, ts))
         per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
         loss = (per_row * weight).sum() / weight.sum().clamp_min(1.0)
         return loss, (loss.detach(), logits.detach(), labels.detach())
 
-    def _sit_outputs(self, z: torch.Tensor, user_id: torch.Tensor,
-                     weight: torch.Tensor) -> torch.Tensor:
-        """SIT outputs [B, d] for rows grouped by user (time-sorted within each user)."""
+    def _sit_outputs(self, z: torch.Tensor, user_id: torch.Tensor, weight: torch.Tensor,
+                     labels: Optional[torch.Tensor] = None,
+                     ts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """SIT outputs [B, d] for rows grouped by user (time-sorted within each user); a SIT
+        that reads labels needs the rows' ``labels`` [B, L] and ``ts`` [B]."""
         starts, lengths = _segments(user_id)
         n_users = starts.numel()
         users = user_id[starts].tolist()
+        reads_labels = self.sit.label_embedding is not None
+        if reads_labels and (labels is None or ts is None):
+            raise ValueError("this SIT reads labels: give the rows' labels and ts")
         ctx, ctx_len = self.cache.context(users, z.shape[1], z.device)
         # Each user's row: its context tokens, then this batch's tokens, then padding. Padding
         # only ever follows real tokens, so every causal query sees at least one real key.
         width = int((ctx_len + lengths).max())
-        seq = z.new_zeros(n_users, width, z.shape[1])
         c = min(ctx.shape[1], width)
         in_ctx = torch.arange(c, device=z.device) < ctx_len.unsqueeze(1)
-        seq[:, :c][in_ctx] = ctx[:, :c][in_ctx]
         seg = torch.repeat_interleave(torch.arange(n_users, device=z.device), lengths)
         col = ctx_len[seg] + torch.arange(z.shape[0], device=z.device) - starts[seg]
-        seq[seg, col] = z
-        out = self.sit(seq)
+
+        def rows(new: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            out = new.new_zeros(n_users, width, *new.shape[1:])
+            out[:, :c][in_ctx] = context[:, :c][in_ctx].to(new.dtype)
+            out[seg, col] = new
+            return out
+
+        side = {}
+        if reads_labels:
+            ctx_labels, ctx_ts = self.cache.side(users, labels.shape[1], z.device)
+            side = dict(labels=rows(labels, ctx_labels), ts=rows(ts, ctx_ts),
+                        label_delay=self.label_delay)
+        out = self.sit(rows(z, ctx), **side)
         if bool(weight.gt(0).all()):  # a padding batch leaves no trace
-            self.cache.update(users, list(torch.split(z.detach(), lengths.tolist())))
+            split = lengths.tolist()
+            self.cache.update(users, list(torch.split(z.detach(), split)),
+                              *((list(torch.split(labels, split)), list(torch.split(ts, split)))
+                                if reads_labels else ()))
         return out[seg, col]
 
 
@@ -246,15 +340,16 @@ class SourceModelTrain(nn.Module):
         sit = None
         if self.scheme == Scheme.USER:
             dim = config.token_dim if config.bottleneck else tower.wide_dim
-            sit = SourceInstanceTransformer(dim, config.sit_layers, config.sit_heads,
-                                            config.sit_context, device=device)
-        self.objective = SourceObjective(tower, self.scheme, sit)
+            sit = SourceInstanceTransformer(
+                dim, config.sit_layers, config.sit_heads, config.sit_context,
+                num_labels=len(spec.labels) if config.sit_labels else 0, device=device)
+        self.objective = SourceObjective(tower, self.scheme, sit, spec.label_delay_s)
 
     def forward(self, batch: InstanceBatch
                 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         pooled = self.sparse_arch(batch.sparse_features)
         return self.objective(pooled, batch.dense_features, batch.labels, batch.user_id,
-                              batch.weight)
+                              batch.weight, batch.ts)
 
     def tokens(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """The instance tokens z [B, d] (before any SIT)."""
