@@ -11,7 +11,7 @@ from torchrec.modules.crossnet import LowRankCrossNet
 
 import test_dlrm_sif as dlrm
 from iat_torchrec.history import LABEL_VOCAB_SIZE
-from iat_torchrec.models.dlrm_sif import DLRM_SIFTrain
+from iat_torchrec.models.dlrm_sif import ConcatInteraction, DLRM_SIFTrain
 from iat_torchrec.models.history import MeanPoolHistory
 
 B, L, D = 6, 7, 8
@@ -52,7 +52,7 @@ def test_mean_pool_is_the_mean_item_plus_the_mean_label_of_the_real_steps():
 
 
 @pytest.mark.parametrize("source,interaction", [("pooled", "dot"), ("pooled", "dcn"),
-                                                ("none", "dcn")])
+                                                ("none", "dcn"), ("pooled", "concat")])
 def test_pooled_and_dcn_baselines_learn(world, source, interaction):
     cfg = dlrm.small_config(source, interaction)
     model = dlrm.build(world, cfg)
@@ -65,6 +65,9 @@ def test_pooled_and_dcn_baselines_learn(world, source, interaction):
         assert tower.inter_arch.output_dim == (n + 1) * cfg.embedding_dim
         assert len(arch.crossnet.W_kernels) == cfg.dcn_layers
         assert arch.crossnet.W_kernels[0].shape == ((n + 1) * cfg.embedding_dim, cfg.dcn_low_rank)
+    if interaction == "concat":  # the over arch sees every embedding as it is
+        assert isinstance(tower.inter_arch.arch, ConcatInteraction)
+        assert tower.over_arch.model[0]._mlp[0]._linear.in_features == (n + 1) * cfg.embedding_dim
     train = DLRM_SIFTrain(model)
     opt = torch.optim.Adam(train.parameters(), lr=5e-3)
     losses = []

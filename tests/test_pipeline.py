@@ -67,6 +67,9 @@ def test_plan_has_every_stage_once_in_input_order():
     assert train.args["model.history_source"] == "sif_codes"
     assert train.args["model.interaction"] == "mixer"
     assert train.args["train.seed"] == 1 and train.args["j"] == "1x1"
+    dcn = next(s for s in steps if s.name == "synthetic/seed0/train_DCNv2")
+    assert dcn.args["model.history_source"] == "pooled"
+    assert dcn.args["model.interaction"] == "dcn"  # its own, not baseline_interaction
 
 
 def test_plan_holds_only_what_the_variants_need():

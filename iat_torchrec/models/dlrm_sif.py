@@ -111,7 +111,8 @@ class DLRMSIFConfig:
         "help": " | ".join(s.value for s in HistorySource)})
     interaction: str = dataclasses.field(default="mixer", metadata={
         "help": "mixer (SIF-Mixer) | dot (TorchRec DLRM's) | dcn (DCNv2: TorchRec DLRM_DCN's "
-                "low-rank cross net); SIF sources need mixer"})
+                "low-rank cross net) | concat (none: a DNN over all embeddings); SIF sources "
+                "need mixer"})
     embedding_dim: int = dataclasses.field(default=16, metadata={
         "help": "D: width of every embedding table, the dense embedding and branch tokens"})
     dense_arch_layers: List[int] = dataclasses.field(default_factory=lambda: [64], metadata={
@@ -346,6 +347,21 @@ class CodeRows(nn.Module):
         return codebook_sum(codes, x.codebooks).to(x.dense.dtype)
 
 
+class ConcatInteraction(nn.Module):
+    """No interaction: the dense embedding and every feature token side by side, for the over
+    arch to model (the peer library's DNN, an MLP over all embeddings). ``forward(dense [B, D],
+    sparse [B, F, D]) -> [B, (F + 1) D]``, with the call of TorchRec's ``InteractionArch``.
+
+    Example::
+
+        inter = FeatureInteraction(ConcatInteraction(), output_dim=(F + 1) * D)
+    """
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: torch.Tensor
+                ) -> torch.Tensor:
+        return torch.cat([dense_features, sparse_features.flatten(1)], dim=1)
+
+
 class FeatureInteraction(nn.Module):
     """A DLRM interaction arch as the tower's interaction: ``(inputs, features [B, F', D]) ->
     (arch(dense, features) [B, output_dim], zero alignment loss [B])``.
@@ -555,6 +571,7 @@ def build_tower(spec: FeatureSpec, config: DLRMSIFConfig, *,
             # As DLRM_DCN builds it; LowRankCrossNet takes no device argument.
             "dcn": lambda: FeatureInteraction(InteractionDCNArch(n, LowRankCrossNet(
                 (n + 1) * d, config.dcn_layers, config.dcn_low_rank).to(device)), (n + 1) * d),
+            "concat": lambda: FeatureInteraction(ConcatInteraction(), (n + 1) * d),
             "mixer": lambda: FeatureInteraction(
                 SIFMixerInteractionArch(d, [d] * n, config.mixer, device=device)),
         }

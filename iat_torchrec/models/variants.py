@@ -24,8 +24,8 @@ source         item branch   IAT branch  SIF-Mixer rows  reads
 hand-crafted branch and adds IAT, so ``iat`` compares against ``bst``. ``pooled`` is the peer
 library's DNN (mean item and mean label of the last k steps, METHOD.md "Protocol P1").
 
-Item and IAT branches give one more feature token to the interaction (``dot``, ``dcn`` or
-``mixer``); SIF-Mixer rows (the sum of the listed encodings of each history step) go into the
+Item and IAT branches give one more feature token to the interaction (``dot``, ``dcn``,
+``concat`` or ``mixer``); SIF-Mixer rows (the sum of the listed encodings of each history step) go into the
 full SIF-Mixer, which is then the interaction (``mixer`` only).
 
 What a stage or the pipeline asks (this module imports only the standard library)::
@@ -50,7 +50,7 @@ import enum
 import types
 from typing import Mapping, Optional, Sequence, Tuple
 
-INTERACTIONS = ("mixer", "dot", "dcn")
+INTERACTIONS = ("mixer", "dot", "dcn", "concat")
 ITEM_BRANCHES = ("none", "mean", "din", "bst")
 ROW_ENCODINGS = ("tokens", "codes")
 

@@ -24,11 +24,13 @@ its one declaration and default); the plan fills the fields it owns (:data:`PLAN
 the seed, the variant's history source, the device) and passes the rest through unchanged.
 A run is reproducible from the ``config.json`` it writes (``--config``).
 
-Variants (METHOD.md, "Evaluation protocol"): DLRM (no history, dot interaction), DLRM+DIN,
-DLRM+BST, IAT temporal-order, IAT user-order (each with the BST item branch beside the IAT
-branch), SIF (HGAQ codes through the SIF-Mixer) and SIF over IAT tokens (``sif_iat``, user-order
-store). The non-SIF variants use ``baseline_interaction`` (dot: TorchRec's DLRM); the SIF ones
-need the SIF-Mixer. What each variant needs (tokens, codes, the mixer) comes from the model's
+Variants (METHOD.md, "Evaluation protocol"): DLRM (no history, dot interaction), DLRM+pooled
+history and DCNv2 (the peer's DNN and DCNv2: the mean of the last k items and of their labels as
+one more feature, through the dot interaction or TorchRec's DCN cross net), DLRM+DIN, DLRM+BST,
+IAT temporal-order, IAT user-order (each with the BST item branch beside the IAT branch), SIF
+(HGAQ codes through the SIF-Mixer) and SIF over IAT tokens (``sif_iat``, user-order store). The
+variants without an interaction of their own use ``baseline_interaction`` (dot: TorchRec's
+DLRM); the SIF ones need the SIF-Mixer. What each variant needs (tokens, codes, the mixer) comes from the model's
 table of history sources (:data:`iat_torchrec.models.variants.VARIANTS`).
 """
 
@@ -51,9 +53,12 @@ from iat_torchrec.stages.train import TrainDownstreamConfig
 
 SPLITS = ("train", "valid", "test")
 BASELINE = "DLRM+BST"
-# name -> (history source, the store its histories index; None: no history)
+# name -> (history source, the store its histories index (None: no history), optionally its
+# own interaction)
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "DLRM": dict(source="none", store=None),
+    "DLRM+pooled history": dict(source="pooled", store="iat_temporal"),
+    "DCNv2": dict(source="pooled", store="iat_temporal", interaction="dcn"),
     "DLRM+DIN": dict(source="din", store="iat_temporal"),
     "DLRM+BST": dict(source="bst", store="iat_temporal"),
     "IAT temporal-order": dict(source="iat", store="iat_temporal"),
@@ -97,7 +102,8 @@ class PipelineConfig:
     variants: List[str] = dataclasses.field(default_factory=lambda: list(VARIANTS), metadata={
         "help": "variants to run (default all): " + ", ".join(VARIANTS)})
     baseline_interaction: str = dataclasses.field(default="dot", metadata={
-        "help": "interaction of the non-SIF variants: dot (TorchRec DLRM) or mixer"})
+        "help": "interaction of the non-SIF variants without one of their own: dot (TorchRec "
+                "DLRM), concat (a DNN, the peer's), dcn or mixer"})
     run_dir: str = dataclasses.field(default="outputs/pipeline", metadata={
         "help": "results.{md,csv,png}, summary.json, logs/ (per stage) and work/ (stage "
                 "outputs); a re-run skips the stages already made there"})
@@ -293,7 +299,7 @@ class _Planner:
         d = c.downstream
         model = dataclasses.replace(
             d.model, history_source=HistorySource(v["source"]),
-            interaction="mixer" if sif else c.baseline_interaction,
+            interaction="mixer" if sif else v.get("interaction", c.baseline_interaction),
             item_feature=c.item_feature_of(dataset),
             item_history_len=min(d.model.item_history_len, c.assemble.max_len))
         config = dataclasses.replace(

@@ -108,6 +108,11 @@ def summarize(dataset: Dict[str, Any]) -> List[Dict[str, Any]]:
     return rows
 
 
+def _gain(pct: float) -> str:
+    """A relative gain, or "-" where the baseline variant was not run."""
+    return f"{pct:+.2f}%" if pct == pct else "-"
+
+
 def markdown(dataset: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     seeds = max((r["seeds"] for r in rows), default=0)
     base = dataset["baseline"]
@@ -120,7 +125,7 @@ def markdown(dataset: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
         lines.append(f"| {r['variant']} | {r['auc_mean']:.4f} +- {r['auc_std']:.4f} | "
                      f"{r['gauc_mean']:.4f} +- {r['gauc_std']:.4f} | "
                      f"{r['logloss_mean']:.4f} +- {r['logloss_std']:.4f} | "
-                     f"{r['auc_gain_pct']:+.2f}% | {r['gauc_gain_pct']:+.2f}% | "
+                     f"{_gain(r['auc_gain_pct'])} | {_gain(r['gauc_gain_pct'])} | "
                      f"{r['steps']:,.0f} | {r['best_epoch']:.1f} | {r['train_seconds']:.1f} |")
     gains = [r for r in rows if r["last_epoch_gain"] == r["last_epoch_gain"]]
     if gains:
