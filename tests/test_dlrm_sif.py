@@ -320,3 +320,26 @@ def test_sharded_on_meta_with_the_train_pipeline(world, source, interaction):
         assert float(second[0]) < float(first[0])
     finally:
         dist.destroy_process_group()
+
+
+def test_table_optimizer_adam_on_cpu_needs_data_parallel_tables(world):
+    cfg = small_config("pooled", "concat")
+    env = init_process_group("cpu")
+    try:
+        with pytest.raises(ValueError, match="no fused CPU kernel"):
+            shard_model(DLRM_SIFTrain(build(world, cfg, table_device="meta")), env,
+                        ShardingConfig(sparse_optimizer="adam"), batch_size=64)
+        dmp, opt = shard_model(DLRM_SIFTrain(build(world, cfg)), env, ShardingConfig(
+            sparse_optimizer="adam", sparse_lr=0.01, sharding_types=["data_parallel"]),
+            batch_size=64)
+        tables = {k: v.detach().clone() for k, v in dmp.state_dict().items()
+                  if "embedding_bags" in k}
+        pipeline = TrainPipelineSparseDist(dmp, opt, env.device)
+        batches = iter([world.batch] * 3)
+        losses = [float(pipeline.progress(batches)[0]) for _ in range(3)]
+        assert losses[-1] < losses[0]
+        moved = [k for k, v in dmp.state_dict().items() if k in tables
+                 and not torch.equal(v, tables[k])]
+        assert moved, "Adam left every table unchanged"
+    finally:
+        dist.destroy_process_group()

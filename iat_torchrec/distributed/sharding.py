@@ -2,8 +2,9 @@
 
 Tables are built on the meta device; ``EmbeddingShardingPlanner`` plans them under the
 configured constraints; ``DistributedModelParallel`` shards them; the sparse optimizer
-(row-wise Adagrad) is fused into backward with ``apply_optimizer_in_backward`` and combined with
-a dense optimizer, as in TorchRec's DLRM example. The same code runs on CPU with gloo and on CUDA
+(row-wise Adagrad by default; Adam or SGD) is fused into backward with
+``apply_optimizer_in_backward`` and combined with a dense optimizer, as in TorchRec's DLRM
+example. The same code runs on CPU with gloo and on CUDA
 with nccl: the device is a parameter.
 """
 
@@ -51,10 +52,21 @@ class ShardingConfig:
                 "CUDA), so results do not depend on the number of processes"})
     uvm_caching: bool = dataclasses.field(default=False, metadata={
         "help": "CUDA: keep tables in host memory with an HBM cache (fused_uvm_caching)"})
+    sparse_optimizer: str = dataclasses.field(default="rowwise_adagrad", metadata={
+        "help": "optimizer fused into the tables' backward (FBGEMM): rowwise_adagrad | sgd | "
+                "adam (on CPU only with sharding_types data_parallel)"})
     sparse_lr: float = dataclasses.field(default=0.05, metadata={
-        "help": "learning rate of the fused row-wise Adagrad on the tables"})
+        "help": "learning rate of the fused table optimizer"})
     dense_lr: float = dataclasses.field(default=1e-3, metadata={
         "help": "learning rate of Adam on the dense parameters"})
+
+
+# The table optimizers: the torch / torchrec class TorchRec maps to an FBGEMM kernel. FBGEMM's
+# CPU kernels fuse row-wise Adagrad and SGD only; Adam runs on CPU for data-parallel tables
+# (TorchRec then applies it in the backward as a plain optimizer).
+SPARSE_OPTIMIZERS = {"rowwise_adagrad": RowWiseAdagrad, "adam": torch.optim.Adam,
+                     "sgd": torch.optim.SGD}
+CPU_FUSED_OPTIMIZERS = ("rowwise_adagrad", "sgd")
 
 
 def planner_constraints(tables: List[str], config: ShardingConfig,
@@ -81,14 +93,22 @@ def shard_model(model: nn.Module, env: DistEnv, config: ShardingConfig, batch_si
                 ) -> Tuple[DistributedModelParallel, CombinedOptimizer]:
     """Plan, shard and wrap ``model``; returns the DMP model and its combined optimizer.
 
-    Every ``EmbeddingBagCollection`` of ``model`` gets row-wise Adagrad fused into its backward;
-    everything else is trained by Adam (data parallel).
+    Every ``EmbeddingBagCollection`` of ``model`` gets ``config.sparse_optimizer`` fused into
+    its backward; everything else is trained by Adam (data parallel).
     """
+    if config.sparse_optimizer not in SPARSE_OPTIMIZERS:
+        raise ValueError(f"sparse_optimizer must be one of {list(SPARSE_OPTIMIZERS)}, "
+                         f"got {config.sparse_optimizer!r}")
+    if (env.device.type == "cpu" and config.sparse_optimizer not in CPU_FUSED_OPTIMIZERS
+            and list(config.sharding_types) != ["data_parallel"]):
+        raise ValueError(f"sparse_optimizer {config.sparse_optimizer} has no fused CPU kernel in "
+                         f"FBGEMM (CPU: {list(CPU_FUSED_OPTIMIZERS)}); on CPU use it with "
+                         "sharding_types data_parallel")
     tables: List[str] = []
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
-            apply_optimizer_in_backward(RowWiseAdagrad, module.parameters(),
-                                        {"lr": config.sparse_lr})
+            apply_optimizer_in_backward(SPARSE_OPTIMIZERS[config.sparse_optimizer],
+                                        module.parameters(), {"lr": config.sparse_lr})
             tables += [t.name for t in module.embedding_bag_configs()]
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=env.world_size, local_world_size=env.world_size
