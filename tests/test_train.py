@@ -138,7 +138,8 @@ def test_early_stopping_and_plateau_decay_survive_a_resume(world, tmp_path, monk
     monkeypatch.setattr(Trainer, "set_lr_scale",
                         lambda self, scale: (scales.append(scale), set_scale(self, scale))[1])
     args = _args(world, "none", "--train.epochs", "8", "--patience", "2",
-                 "--plateau_lr_factor", "0.5", "--sharding.dense_lr", "0.1", "--sharding.sparse_lr", "0.5",
+                 "--plateau_lr_factor", "0.5", "--sharding.dense_lr", "0.1",
+                 "--sharding.sparse_lr", "0.5",
                  "--train.checkpoint_dir", str(tmp_path / "ck"))
     got = run_train(parse_config(TrainDownstreamConfig, args))
     aucs = [e["valid"]["click"]["auc"] for e in got["epochs"]]

@@ -25,8 +25,8 @@ hand-crafted branch and adds IAT, so ``iat`` compares against ``bst``. ``pooled`
 library's DNN (mean item and mean label of the last k steps, METHOD.md "Protocol P1").
 
 Item and IAT branches give one more feature token to the interaction (``dot``, ``dcn``,
-``concat`` or ``mixer``); SIF-Mixer rows (the sum of the listed encodings of each history step) go into the
-full SIF-Mixer, which is then the interaction (``mixer`` only).
+``concat`` or ``mixer``); SIF-Mixer rows (the sum of the listed encodings of each history step)
+go into the full SIF-Mixer, which is then the interaction (``mixer`` only).
 
 What a stage or the pipeline asks (this module imports only the standard library)::
 

@@ -30,8 +30,8 @@ one more feature, through the dot interaction or TorchRec's DCN cross net), DLRM
 IAT temporal-order, IAT user-order (each with the BST item branch beside the IAT branch), SIF
 (HGAQ codes through the SIF-Mixer) and SIF over IAT tokens (``sif_iat``, user-order store). The
 variants without an interaction of their own use ``baseline_interaction`` (dot: TorchRec's
-DLRM); the SIF ones need the SIF-Mixer. What each variant needs (tokens, codes, the mixer) comes from the model's
-table of history sources (:data:`iat_torchrec.models.variants.VARIANTS`).
+DLRM); the SIF ones need the SIF-Mixer. What each variant needs (tokens, codes, the mixer)
+comes from the model's table of history sources (:data:`iat_torchrec.models.variants.VARIANTS`).
 """
 
 from __future__ import annotations
