@@ -215,7 +215,8 @@ class CompareConfig:
         "help": "JSON file for the comparison (default: none)"})
 
 
-def _summary_rows(run_dir: str) -> Dict[str, Dict[str, Any]]:
+def summary_rows(run_dir: str) -> Dict[str, Dict[str, Any]]:
+    """A pipeline run's table rows by variant (its ``summary.json``)."""
     path = Path(run_dir) / "summary.json"
     try:
         summary = json.loads(path.read_text())
@@ -229,7 +230,7 @@ def run_compare(cfg: CompareConfig) -> List[Dict[str, Any]]:
     printed as a table, written to ``out`` if given."""
     if not cfg.base or not cfg.other:
         raise ValueError("--base and --other are required: two pipeline run directories")
-    base, other = _summary_rows(cfg.base), _summary_rows(cfg.other)
+    base, other = summary_rows(cfg.base), summary_rows(cfg.other)
     rows = []
     for variant in [v for v in base if v in other]:
         b, o = base[variant], other[variant]
