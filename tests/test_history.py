@@ -146,3 +146,75 @@ def test_configs_reject_bad_sizes():
         DINConfig(attention_layers=[0])
     with pytest.raises(ValueError):
         BSTEncoder(18, BSTConfig(num_heads=4))
+
+
+# --------------------------------------------------------------------------- ablation switches
+def _iat_switch(**cfg) -> IATBranch:
+    torch.manual_seed(0)
+    return IATBranch(TOKEN_DIM, QUERY_DIM, D, IATBranchConfig(adapt_dim=16, side_dim=16,
+                                                              num_heads=2, **cfg),
+                     gap_vocab=GAPS)
+
+
+SWITCHES = [dict(side_labels=False), dict(encoder="din"), dict(encoder="din", side_labels=False)]
+
+
+@pytest.mark.parametrize("cfg", SWITCHES)
+def test_iat_switches_respect_padding_and_train_a_step(cfg):
+    module = _iat_switch(**cfg)
+    x = _inputs()
+    ref = _run("iat", module.eval(), x)
+    assert ref.shape == (B, D) and torch.isfinite(ref).all()
+    for variant in (_pad(x, 4, float("nan")), _pad(x, 9, 3.0), _scramble_padding(x),
+                    _right_align(x)):
+        assert torch.allclose(_run("iat", module, variant), ref, atol=1e-5), cfg
+    empty = _scramble_padding(x)
+    empty["mask"] = torch.zeros(B, L, dtype=torch.bool)
+    assert torch.isfinite(_run("iat", module, empty)).all()
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    _run("iat", module, x).square().sum().backward()
+    for name, p in module.named_parameters():  # every parameter is used: no idle DDP params
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    opt.step()
+    assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_iat_without_side_labels_ignores_labels_and_keeps_widths():
+    module = _iat_switch(side_labels=False).eval()
+    assert module.label_embedding is None
+    x = _inputs()
+    y = dict(x, label=torch.where(x["mask"], LABEL_UNKNOWN, x["label"]))
+    assert torch.equal(_run("iat", module, x), _run("iat", module, y))
+    steps = module.steps(x["tokens"], x["label"], x["gap"], x["mask"])
+    assert steps.shape == (B, L, 32)
+    with_labels = _iat_switch().eval()
+    assert not torch.allclose(_run("iat", with_labels, x), _run("iat", with_labels, y))
+
+
+def test_iat_din_encoder_is_target_attention_over_the_steps():
+    """DIN over the adapted steps, the projected query as target: no Transformer blocks, and
+    the output is output(norm(sum_j a(q, x_j) x_j)) over the real steps."""
+    module = _iat_switch(encoder="din").eval()
+    assert len(module.blocks) == 0 and module.activation_unit is not None
+    x = _inputs()
+    out = _run("iat", module, x)
+    with torch.no_grad():
+        for i, n in enumerate(LENGTHS):
+            steps = module.steps(x["tokens"][i:i + 1, :n], x["label"][i:i + 1, :n],
+                                 x["gap"][i:i + 1, :n], x["mask"][i:i + 1, :n])[0]
+            q = module.query(x["query"][i])
+            unit_in = torch.cat([q.expand_as(steps), steps, q - steps, q * steps], 1)
+            pooled = (module.activation_unit(unit_in) * steps).sum(0)
+            assert torch.allclose(out[i], module.output(module.norm(pooled)), atol=1e-5), i
+
+
+def test_iat_default_is_the_transformer_with_side_labels():
+    cfg = IATBranchConfig()
+    assert cfg.encoder == "transformer" and cfg.side_labels
+    module = _iat_switch()
+    assert module.activation_unit is None and module.label_embedding is not None
+    assert len(module.blocks) == cfg.num_layers
+    with pytest.raises(ValueError, match="encoder"):
+        IATBranchConfig(encoder="lstm")

@@ -56,6 +56,7 @@ from iat_torchrec.models.padding import embed, masked_ids, trim, zero_padding
 
 DEFAULT_GAP_VOCAB = HistoryLayout().gap_vocab_size
 BST_OUTPUTS = ("target", "mean")
+IAT_ENCODERS = ("transformer", "din")
 
 
 # --------------------------------------------------------------------------- configs
@@ -113,10 +114,23 @@ class IATBranchConfig:
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout"})
     position_buckets: int = dataclasses.field(default=0, metadata={
         "help": "position-from-the-end embeddings (0: none; the time gap orders the steps)"})
+    side_labels: bool = dataclasses.field(default=True, metadata={
+        "help": "the label embedding is part of each step's side information (false: the time "
+                "gap alone)"})
+    encoder: str = dataclasses.field(default="transformer", metadata={
+        "help": "transformer: blocks over [query; steps], the query's output | din: DIN target "
+                "attention over the steps with the query as target (no blocks)"})
+    din_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32], metadata={
+        "help": "encoder din: hidden sizes of the activation unit (PReLU)"})
 
     def __post_init__(self) -> None:
         if self.adapt_dim <= 0 or self.side_dim <= 0:
             raise ValueError("IATBranchConfig: adapt_dim and side_dim must be > 0")
+        if self.encoder not in IAT_ENCODERS:
+            raise ValueError(f"IATBranchConfig.encoder must be one of {IAT_ENCODERS}, "
+                             f"got {self.encoder!r}")
+        if any(n <= 0 for n in self.din_layers):
+            raise ValueError(f"IATBranchConfig.din_layers must be positive, got {self.din_layers}")
         _check_transformer("IATBranchConfig", self.num_layers, self.num_heads, self.ffn_mult,
                            self.dropout, self.position_buckets)
         if (self.adapt_dim + self.side_dim) % self.num_heads:
@@ -158,14 +172,15 @@ class TransformerBlock(nn.Module):
                                  nn.Linear(ffn_mult * dim, dim, device=device))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], first_only: bool = False
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], first_only: bool = False,
+                queries: Optional[int] = None) -> torch.Tensor:
         """x [B, S, dim], mask [B, S] bool (True = real; None = all real) -> [B, S, dim], or
-        [B, 1, dim] (the first position only) with ``first_only``."""
+        [B, Q, dim] (the first Q positions only) with ``queries=Q`` (``first_only``: Q = 1)."""
         b, s, _ = x.shape
+        q = 1 if first_only else queries
         a = self.attention(self.attention_norm(x), None if mask is None else mask.view(b, 1, 1, s),
-                           num_queries=1 if first_only else None)
-        x = (x[:, :1] if first_only else x) + self.dropout(a)
+                           num_queries=q)
+        x = (x if q is None else x[:, :q]) + self.dropout(a)
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -178,6 +193,61 @@ def _encode(blocks: nn.ModuleList, x: torch.Tensor, mask: Optional[torch.Tensor]
 
 
 # --------------------------------------------------------------------------- DIN
+class ActivationUnit(nn.Sequential):
+    """DIN's activation unit: an MLP (PReLU hidden layers, one output) over
+    ``[q, k, q - k, q * k]``, scoring each key against the query.
+
+    Args:
+        dim: D, the width of the query and of each key (the first layer takes 4 D).
+        layers: hidden sizes.
+        device: where the parameters live.
+
+    Example::
+
+        unit = ActivationUnit(16, [64, 32])
+        scores = unit.score(query, keys)     # [B, 16], [B, L, 16] -> [B * L, 1]
+    """
+
+    def __init__(self, dim: int, layers: Sequence[int],
+                 device: Optional[torch.device] = None) -> None:
+        modules: List[nn.Module] = []
+        width = 4 * dim
+        for n in layers:
+            modules += [nn.Linear(width, n, device=device), nn.PReLU(n, device=device)]
+            width = n
+        modules.append(nn.Linear(width, 1, device=device))
+        super().__init__(*modules)
+
+    def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """query [B, D], keys [B, L, D] -> [B * L, 1], with the first layer split by
+        linearity: ``W [q, k, q - k, q k] = (W_q + W_d) q + [W_k - W_d, W_p] [k, q k]``, the
+        query's part once per sample."""
+        d = keys.shape[-1]
+        first, *rest = list(self)
+        w_q, w_k, w_d, w_p = first.weight.split(d, dim=1)
+        per_sample = torch.addmm(first.bias, query, (w_q + w_d).t())  # [B, n]
+        per_step = torch.cat([keys, query.unsqueeze(1) * keys], -1) @ torch.cat(
+            [w_k - w_d, w_p], 1).t()  # [B, L, n]
+        # [B * L, n]: PReLU's per-unit slopes act on dim 1.
+        hidden = (per_step + per_sample.unsqueeze(1)).flatten(0, 1)
+        for module in rest:
+            hidden = module(hidden)
+        return hidden
+
+
+def target_attention(unit: ActivationUnit, query: torch.Tensor, keys: torch.Tensor,
+                     mask: torch.Tensor, softmax: bool) -> torch.Tensor:
+    """DIN's pooling: the score-weighted sum of ``keys`` [B, L, D] (padded steps zero) against
+    ``query`` [B, D], mask [B, L] bool -> [B, D]; scores unnormalised as in DIN, or
+    softmax-normalised over the real steps; zeros for an empty history."""
+    scores = unit.score(query, keys).view(mask.shape)
+    if softmax:
+        # A finite fill keeps all-masked rows (uniform, then zeroed) free of NaN gradients.
+        scores = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
+    weights = torch.where(mask, scores, scores.new_zeros(()))
+    return (weights.unsqueeze(-1) * keys).sum(1)
+
+
 class DINAttention(nn.Module):
     """DIN target attention over an item-id history with label (and gap) side information.
 
@@ -204,13 +274,7 @@ class DINAttention(nn.Module):
         self.label_embedding = nn.Embedding(label_vocab, embed_dim, device=device)
         self.gap_embedding = (nn.Embedding(gap_vocab, embed_dim, device=device)
                               if config.use_gap else None)
-        layers: List[nn.Module] = []
-        width = 4 * embed_dim
-        for n in config.attention_layers:
-            layers += [nn.Linear(width, n, device=device), nn.PReLU(n, device=device)]
-            width = n
-        layers.append(nn.Linear(width, 1, device=device))
-        self.activation_unit = nn.Sequential(*layers)
+        self.activation_unit = ActivationUnit(embed_dim, config.attention_layers, device=device)
         self.output_dim: int = embed_dim
         for emb in (self.label_embedding, self.gap_embedding):
             if emb is not None:
@@ -230,26 +294,12 @@ class DINAttention(nn.Module):
         [B, D] (zeros for an empty history)."""
         mask, (items, label, gap_bucket), _ = trim(mask.bool(), items, label, gap_bucket)
         k = self.keys(items, label, gap_bucket, mask)
-        scores = self.scores(query, k).view(mask.shape)
-        if self.config.softmax:
-            # A finite fill keeps all-masked rows (uniform, then zeroed) free of NaN gradients.
-            scores = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
-        weights = torch.where(mask, scores, scores.new_zeros(()))
-        return (weights.unsqueeze(-1) * k).sum(1)
+        return target_attention(self.activation_unit, query, k, mask, self.config.softmax)
 
     def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """The activation unit over ``[q, k, q - k, q * k]``, query [B, D], keys [B, L, D] ->
-        [B * L, 1], with its first layer split by linearity: ``W [q, k, q - k, q k] =
-        (W_q + W_d) q + [W_k - W_d, W_p] [k, q k]``, the query's part once per sample."""
-        d = keys.shape[-1]
-        first = self.activation_unit[0]
-        w_q, w_k, w_d, w_p = first.weight.split(d, dim=1)
-        per_sample = torch.addmm(first.bias, query, (w_q + w_d).t())  # [B, n]
-        per_step = torch.cat([keys, query.unsqueeze(1) * keys], -1) @ torch.cat(
-            [w_k - w_d, w_p], 1).t()  # [B, L, n]
-        # [B * L, n]: PReLU's per-unit slopes act on dim 1.
-        hidden = (per_step + per_sample.unsqueeze(1)).flatten(0, 1)
-        return self.activation_unit[1:](hidden)
+        """The activation unit's scores (:meth:`ActivationUnit.score`), query [B, D], keys
+        [B, L, D] -> [B * L, 1]."""
+        return self.activation_unit.score(query, keys)
 
 
 # --------------------------------------------------------------------------- BST
@@ -363,6 +413,13 @@ class IATBranch(nn.Module):
     """The IAT branch: frozen instance tokens -> adaptation + side information -> a Transformer
     over ``[query; history]`` -> one token.
 
+    ``config.encoder="din"`` replaces the Transformer by DIN target attention
+    (:class:`ActivationUnit`, :func:`target_attention`): the projected query q [B, W] scores
+    each step x_j [B, L, W] (W = adapt_dim + side_dim), the output is
+    ``output(norm(sum_j a(q, x_j) x_j))`` [B, output_dim], zero weights on padded steps.
+    ``config.side_labels=False`` drops the label embedding: a step's side information is its
+    time-gap embedding alone (same widths).
+
     Args:
         token_dim: d, the instance token width.
         query_dim: width of the current sample's features the query is projected from.
@@ -387,14 +444,19 @@ class IATBranch(nn.Module):
         self.config, self.token_dim = config, token_dim
         width = config.model_dim
         self.adapt = nn.Linear(token_dim, config.adapt_dim, device=device)
-        self.label_embedding = nn.Embedding(label_vocab, config.side_dim, device=device)
+        self.label_embedding = (nn.Embedding(label_vocab, config.side_dim, device=device)
+                                if config.side_labels else None)
         self.gap_embedding = nn.Embedding(gap_vocab, config.side_dim, device=device)
         self.position_embedding = (nn.Embedding(config.position_buckets, width, device=device)
                                    if config.position_buckets else None)
         self.query = nn.Linear(query_dim, width, device=device)
+        transformer = config.encoder == "transformer"
         self.blocks = nn.ModuleList(
             TransformerBlock(width, config.num_heads, config.ffn_mult, config.dropout,
-                             device=device) for _ in range(config.num_layers))
+                             device=device)
+            for _ in range(config.num_layers if transformer else 0))
+        self.activation_unit = (None if transformer else
+                                ActivationUnit(width, config.din_layers, device=device))
         self.norm = nn.LayerNorm(width, device=device)
         self.output = nn.Linear(width, output_dim, device=device)
         self.output_dim: int = output_dim
@@ -406,8 +468,9 @@ class IATBranch(nn.Module):
               mask: torch.Tensor) -> torch.Tensor:
         """Per-step inputs [B, L, adapt_dim + side_dim], padded steps zero; tokens detached."""
         e = zero_padding(tokens.detach().to(self.adapt.weight.dtype), mask)
-        side = (embed(self.label_embedding, masked_ids(label, mask))
-                + embed(self.gap_embedding, masked_ids(gap_bucket, mask)))
+        side = embed(self.gap_embedding, masked_ids(gap_bucket, mask))
+        if self.label_embedding is not None:
+            side = embed(self.label_embedding, masked_ids(label, mask)) + side
         x = torch.cat([torch.sigmoid(self.adapt(e)), side], dim=-1)
         if self.position_embedding is not None:
             pos = steps_after(mask).clamp(max=self.config.position_buckets - 1)
@@ -420,6 +483,11 @@ class IATBranch(nn.Module):
         mask [B, L] bool, query [B, query_dim] -> [B, output_dim]."""
         mask, (tokens, label, gap_bucket), all_real = trim(mask.bool(), tokens, label,
                                                            gap_bucket)
+        if self.activation_unit is not None:
+            pooled = target_attention(self.activation_unit, self.query(query),
+                                      self.steps(tokens, label, gap_bucket, mask), mask,
+                                      softmax=False)
+            return self.output(self.norm(pooled))
         x = torch.cat([self.query(query).unsqueeze(1),
                        self.steps(tokens, label, gap_bucket, mask)], dim=1)
         full = None if all_real else torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
@@ -428,7 +496,8 @@ class IATBranch(nn.Module):
 
 
 __all__: Sequence[str] = (
-    "LABEL_VOCAB_SIZE", "DEFAULT_GAP_VOCAB", "DINConfig", "BSTConfig", "IATBranchConfig",
-    "masked_ids", "zero_padding", "TransformerBlock",
+    "LABEL_VOCAB_SIZE", "DEFAULT_GAP_VOCAB", "IAT_ENCODERS", "DINConfig", "BSTConfig",
+    "IATBranchConfig", "masked_ids", "zero_padding", "TransformerBlock", "ActivationUnit",
+    "target_attention",
     "DINAttention", "BSTEncoder", "MeanPoolHistory", "IATBranch",
 )
