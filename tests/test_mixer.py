@@ -269,3 +269,74 @@ def test_dlrm_with_the_mixer_as_interaction_trains(tmp_path):
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+# --------------------------------------------------------------------------- structure ablations
+@pytest.mark.parametrize("structure", ["flat", "pooled"])
+def test_structures_respect_masks_and_train_a_step(structure):
+    mixer = _mixer(structure=structure)
+    assert all(not isinstance(b, SIFMixerBlock) for b in mixer.blocks)
+    assert len(mixer.blocks) == 2
+    target, history, mask, recency, side = _inputs(4, 10)
+    mask[0] = False  # one empty history
+    out = mixer(target, history, mask, recency, side)
+    assert out.shape == (4, 8) and torch.isfinite(out).all()
+    garbage = history.clone()
+    garbage[~mask] = torch.randn(int((~mask).sum()), 3, 8) * 100
+    steps = (~mask).nonzero()
+    garbage[steps[:, 0], steps[:, 1], 0, 0] = float("nan")
+    recency2, side2 = recency.clone(), side.clone()
+    recency2[~mask], side2[~mask] = 10**6, -5
+    assert torch.equal(mixer(target, garbage, mask, recency2, side2), out)
+    for i in range(4):  # the masked steps dropped altogether: the same output
+        keep = mask[i]
+        alone = mixer(target[i:i + 1], history[i:i + 1, keep], keep[keep].unsqueeze(0),
+                      recency[i:i + 1, keep], side[i:i + 1, keep])
+        torch.testing.assert_close(alone, out[i:i + 1], rtol=1e-5, atol=1e-6)
+    # A training step: finite gradients, none into masked steps, every parameter used.
+    mixer.train()
+    history.requires_grad_(True)
+    mixer(target, history, mask, recency, side).square().sum().backward()
+    assert history.grad[~mask].abs().sum() == 0 and history.grad[mask].abs().sum() > 0
+    for name, p in mixer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    before = [p.detach().clone() for p in mixer.parameters()]
+    torch.optim.SGD(mixer.parameters(), lr=0.1).step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, mixer.parameters()))
+
+
+def test_flat_is_one_attention_over_all_tokens():
+    """flat: every block attends over all (L+1) T tokens, so a history row's sub-tokens are
+    seen one by one; the output is the target row's T tokens (flatten: T * d0)."""
+    mixer = _mixer(structure="flat", pooling="flatten")
+    target, history, mask, recency, side = _inputs(2, 5)
+    mask[:] = True
+    out = mixer(target, history, mask, recency, side)
+    assert out.shape == (2, 3 * 8)
+    with torch.no_grad():
+        x = torch.cat([(mixer.align(target) + mixer.target_embedding).unsqueeze(1),
+                       mixer.history_rows(history, mask, recency, side)], 1).flatten(1, 2)
+        for block in mixer.blocks:
+            x = block(x, None)
+        torch.testing.assert_close(out, mixer.norm(x[:, :3]).flatten(1))
+
+
+def test_pooled_sees_only_the_mean_of_each_history_row():
+    """pooled: permuting a history row's sub-tokens changes nothing (the mixer sees them)."""
+    target, history, mask, recency, side = _inputs(3, 6)
+    mask[:, -1] = True
+    shuffled = history[:, :, [2, 0, 1]]
+    pooled, mixer = _mixer(structure="pooled"), _mixer()
+    torch.testing.assert_close(pooled(target, shuffled, mask, recency, side),
+                               pooled(target, history, mask, recency, side))
+    assert not torch.allclose(mixer(target, shuffled, mask, recency, side),
+                              mixer(target, history, mask, recency, side))
+
+
+def test_structure_settings_are_checked_and_default_to_the_mixer():
+    assert SIFMixerConfig().structure == "mixer"
+    assert all(isinstance(b, SIFMixerBlock) for b in _mixer().blocks)
+    with pytest.raises(ValueError, match="structure"):
+        SIFMixerConfig(structure="nope")
+    with pytest.raises(ValueError, match="pooling"):
+        SIFMixerConfig(structure="pooled", pooling="flatten")

@@ -39,6 +39,18 @@ Decisions where METHOD.md is silent:
   the tests).
 - Default heads: 2 (head size 8 at d0 = 16); GELU in the FFN; ``pooling="flatten"`` keeps the
   whole target row [B, T * d0] for an OverArch that wants more than the mean.
+
+The paper's two ablations of the structure (``SIFMixerConfig.structure``, same inputs, rows,
+masks, number of blocks and FFNs; the default ``mixer`` is the above):
+
+- ``flat``: each block is one pre-LayerNorm multi-head self-attention over all (L+1) T tokens of
+  a sample, [B, (L+1) T, d0], padded steps' T tokens masked as keys, then the FFN
+  (:class:`~iat_torchrec.models.history.TransformerBlock`); the last block computes the target
+  row's T tokens only; output as above from the target row [B, T, d0]. Cost O((L T)^2 d0).
+- ``pooled``: each row's T sub-tokens (the target's included) are mean-pooled into one token
+  first, [B, L+1, d0]; each block is sample-level self-attention over the rows (padded steps
+  masked) then the FFN; the output is the target row's token [B, d0] (``pooling`` must be
+  ``mean``).
 """
 
 from __future__ import annotations
@@ -52,12 +64,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from iat_torchrec.models.attention import MultiHeadAttention
+from iat_torchrec.models.history import TransformerBlock
 from iat_torchrec.models.padding import embed, trim
 
 if TYPE_CHECKING:  # the annotation only: this module needs torch alone at run time
     from torchrec.sparse.jagged_tensor import KeyedTensor
 
 POOLINGS = ("mean", "flatten")
+STRUCTURES = ("mixer", "flat", "pooled")
 # [B, F, D], or a torchrec KeyedTensor of pooled embeddings.
 SparseFeatures = Union[torch.Tensor, "KeyedTensor"]
 
@@ -79,6 +93,10 @@ class SIFMixerConfig:
         default="mean", metadata={"help": "mean | flatten: how the target row is output"})
     alignment_weight: float = dataclasses.field(
         default=0.25, metadata={"help": "weight of L_align in the downstream loss"})
+    structure: str = dataclasses.field(default="mixer", metadata={
+        "help": "mixer: row / column attention | flat: one attention over all (L+1) T tokens | "
+                "pooled: each row's T sub-tokens mean-pooled first, attention over rows (the "
+                "paper's ablations)"})
 
     def __post_init__(self) -> None:
         for name in ("d0", "num_blocks", "num_heads", "ffn_mult", "recency_buckets"):
@@ -92,6 +110,12 @@ class SIFMixerConfig:
         if self.pooling not in POOLINGS:
             raise ValueError(f"SIFMixerConfig.pooling must be one of {POOLINGS}, "
                              f"got {self.pooling!r}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"SIFMixerConfig.structure must be one of {STRUCTURES}, "
+                             f"got {self.structure!r}")
+        if self.structure == "pooled" and self.pooling != "mean":
+            raise ValueError("SIFMixerConfig: structure 'pooled' has one target token: "
+                             "pooling must be 'mean'")
 
 
 class SIFMixerBlock(nn.Module):
@@ -170,8 +194,9 @@ class SIFMixer(nn.Module):
                                               device=device)
         self.side_embedding = (nn.Embedding(config.side_values, num_tokens * d0, device=device)
                                if config.side_values else None)
+        block = SIFMixerBlock if config.structure == "mixer" else TransformerBlock
         self.blocks = nn.ModuleList(
-            SIFMixerBlock(d0, config.num_heads, config.ffn_mult, config.dropout, device=device)
+            block(d0, config.num_heads, config.ffn_mult, config.dropout, device=device)
             for _ in range(config.num_blocks))
         self.norm = nn.LayerNorm(d0, device=device)
         self.output_dim: int = d0 if config.pooling == "mean" else num_tokens * d0
@@ -250,10 +275,28 @@ class SIFMixer(nn.Module):
             x = torch.cat([x, rows.to(x.dtype)], dim=1)  # [B, R, T, d0]
             if not all_real:
                 mask = torch.cat([history_mask.new_ones(b, 1), history_mask], 1)
+        if self.config.structure != "mixer":
+            return self._sequence_forward(x, mask)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, mask, target_only=i == last)
         target = self.norm(x[:, 0])  # [B, T, d0]
+        return target.mean(1) if self.config.pooling == "mean" else target.flatten(1)
+
+    def _sequence_forward(self, x: torch.Tensor, row_mask: Optional[torch.Tensor]
+                          ) -> torch.Tensor:
+        """The ``flat`` and ``pooled`` structures: H [B, R, T, d0] (masked rows zero), row_mask
+        [B, R] bool or None (all real) -> [B, output_dim]."""
+        b, r, t, d0 = x.shape
+        if self.config.structure == "flat":
+            seq, queries = x.reshape(b, r * t, d0), t  # row-major: the target's T tokens first
+            mask = None if row_mask is None else row_mask.repeat_interleave(t, dim=1)
+        else:
+            seq, queries, mask = x.mean(2), 1, row_mask  # [B, R, d0]
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            seq = block(seq, mask, queries=queries if i == last else None)
+        target = self.norm(seq)  # [B, T, d0] (flat) or [B, 1, d0] (pooled)
         return target.mean(1) if self.config.pooling == "mean" else target.flatten(1)
 
 
@@ -352,6 +395,6 @@ class SIFMixerInteractionArch(nn.Module):
 
 
 __all__: Sequence[str] = (
-    "SIFMixerConfig", "MultiHeadAttention", "SIFMixerBlock", "SIFMixer", "IATHistoryProjection",
-    "SIFMixerInteractionArch",
+    "POOLINGS", "STRUCTURES", "SIFMixerConfig", "MultiHeadAttention", "SIFMixerBlock",
+    "SIFMixer", "IATHistoryProjection", "SIFMixerInteractionArch",
 )
