@@ -343,3 +343,32 @@ def test_table_optimizer_adam_on_cpu_needs_data_parallel_tables(world):
         assert moved, "Adam left every table unchanged"
     finally:
         dist.destroy_process_group()
+
+
+# The ablations' switches (apps/ablate.py): each builds in the tower, learns, ignores padding.
+ABLATION_SWITCHES = [("iat", "iat", dict(side_labels=False)), ("iat", "iat", dict(encoder="din")),
+                     ("sif_codes", "mixer", dict(structure="flat")),
+                     ("sif_codes", "mixer", dict(structure="pooled"))]
+
+
+@pytest.mark.parametrize("source,part,change", ABLATION_SWITCHES)
+def test_ablation_switches_build_learn_and_ignore_padding(world, source, part, change):
+    base = small_config(source)
+    config = dataclasses.replace(base, **{part: dataclasses.replace(getattr(base, part),
+                                                                    **change)})
+    model = build(world, config)
+    train = DLRM_SIFTrain(model)
+    opt = torch.optim.Adam(train.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(20):
+        loss, (detached, _, _) = train(world.batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(detached))
+    assert losses[-1] < 0.95 * losses[0], losses
+    model.eval()
+    b = world.batch
+    ref = model(b.dense_features, b.sparse_features, b.history, b.target_codes)
+    got = model(b.dense_features, b.sparse_features, _more_padding(b.history, 7), b.target_codes)
+    assert torch.allclose(got, ref, atol=1e-5)
