@@ -144,3 +144,61 @@ def test_bad_inputs_are_refused_before_any_work(splits, tmp_path):
     with pytest.raises(SpecError, match="does not match the model's"):
         run_compress(cfg)
     assert not (tmp_path / "new").exists()
+
+
+def test_post_sit_export_stores_the_sits_outputs_over_every_log_in_user_order(splits, tmp_path,
+                                                                               monkeypatch):
+    """--export_token post_sit: each instance's SIT output, all export logs read as one in user
+    order from an empty context (a valid / test instance sees the user's earlier train rows),
+    batch size free; pre_sit (the default) stores z of the same training."""
+    import torch
+
+    from iat_torchrec.config import parse_config
+    from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder
+    from iat_torchrec.stages import compress
+
+    models = []
+    original = compress.compress_post_sit
+
+    def spy(model, *args):
+        models.append(model)
+        return original(model, *args)
+
+    monkeypatch.setattr(compress, "compress_post_sit", spy)
+    logs = [str(splits[k]) for k in ("train", "valid", "test")]
+    argv = ["--train_log", logs[0], "--export_logs", *logs, "--scheme", "user",
+            "--train.batch_size", "64", *SMALL_MODEL]
+    compress.run_compress(parse_config(compress.CompressConfig, [
+        *argv, "--store", str(tmp_path / "post"), "--export_token", "post_sit"]))
+    compress.run_compress(parse_config(compress.CompressConfig, [
+        *argv, "--store", str(tmp_path / "pre")]))
+    ids, post = _tokens(tmp_path / "post")
+    ids_pre, pre = _tokens(tmp_path / "pre")
+    np.testing.assert_array_equal(ids, ids_pre)
+    assert ids.size == sum(validate_log(p).rows for p in logs)
+    assert TokenStore.open(tmp_path / "post").metadata["export_token"] == "post_sit"
+    assert TokenStore.open(tmp_path / "pre").metadata["export_token"] == "pre_sit"
+
+    source = models[0].module
+    source.objective.cache.clear()
+    reader = InstanceLogReader(logs, config=ReaderConfig(batch_size=1000, order=ReadOrder.USER))
+    got_ids, got, z = [], [], []
+    with torch.no_grad():
+        for b in reader:
+            got_ids.append(b.instance_id.numpy())
+            got.append(source.sit_tokens(b).numpy())
+            z.append(source.tokens(b.sparse_features, b.dense_features).numpy())
+    order = np.argsort(np.concatenate(got_ids))
+    np.testing.assert_allclose(np.concatenate(got)[order], post, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(z)[order], pre, atol=1e-6)  # same training
+    assert np.abs(post - pre).max() > 0.1
+
+
+def test_post_sit_needs_the_user_scheme():
+    from iat_torchrec.stages.compress import CompressConfig
+
+    with pytest.raises(ValueError, match="user scheme"):
+        CompressConfig(train_log="x", store="y", scheme="temporal",
+                       export_token="post_sit").check()
+    with pytest.raises(ValueError, match="export_token"):
+        CompressConfig(train_log="x", store="y", export_token="both").check()

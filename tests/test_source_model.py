@@ -207,3 +207,68 @@ def test_source_model_with_sit_labels_trains(batch):
     loss, _ = model(batch)
     loss.backward()
     assert model.objective.sit.label_embedding.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- post-SIT export
+def _user_batches(tmp_path, batch_size: int):
+    path = write_log(pa.table(tiny_columns(n=300, users=5)), tmp_path / "log", tiny_spec())
+    return list(InstanceLogReader(path, config=ReaderConfig(batch_size=batch_size,
+                                                            order=ReadOrder.USER)))
+
+
+@pytest.mark.parametrize("sit_labels", [False, True])
+def test_sit_tokens_are_the_training_sit_outputs_streamed(tmp_path, sit_labels):
+    """sit_tokens: what the user-order loss reads (the SIT over z with the streamed context),
+    the same for any batch size, a padding batch leaving no trace."""
+    cfg = dataclasses.replace(CONFIG, sit_labels=sit_labels)
+    torch.manual_seed(0)
+    model = SourceModelTrain(tiny_spec(), cfg, Scheme.USER).eval()
+    whole = _user_batches(tmp_path, 300)
+    assert len(whole) == 1
+    b = whole[0]
+    with torch.no_grad():
+        expected = model.sit_tokens(b)
+        model.objective.cache.clear()
+        z = model.tokens(b.sparse_features, b.dense_features)
+        direct = model.objective._sit_outputs(z, b.user_id, b.weight, b.labels, b.ts)
+        assert torch.equal(expected, direct) and not torch.allclose(expected, z)
+        model.objective.cache.clear()
+        parts = []
+        for small in _user_batches(tmp_path / "small", 64):
+            parts.append(model.sit_tokens(small))
+            model.sit_tokens(small.as_padding())  # no trace
+        assert torch.allclose(torch.cat(parts), expected, atol=1e-5)
+
+
+def test_sit_tokens_never_see_a_later_row_or_the_own_label(tmp_path):
+    torch.manual_seed(0)
+    model = SourceModelTrain(tiny_spec(), dataclasses.replace(CONFIG, sit_labels=True),
+                             Scheme.USER).eval()
+    b = _user_batches(tmp_path, 300)[0]
+    with torch.no_grad():
+        out = model.sit_tokens(b)
+        flipped = dataclasses.replace(b, labels=1.0 - b.labels)
+        dense = b.dense_features.clone()
+        dense[150:] += 5.0  # later rows in the user order
+        later = dataclasses.replace(b, dense_features=dense)
+        for changed in (flipped, later):
+            model.objective.cache.clear()
+            got = model.sit_tokens(changed)
+            first = torch.ones(300, dtype=torch.bool)
+            first[1:] = b.user_id[1:] != b.user_id[:-1]  # a user's first row: no earlier label
+            keep = first if changed is flipped else torch.arange(300) < 150
+            assert torch.equal(got[keep], out[keep])
+            assert not torch.allclose(got[~keep], out[~keep])
+
+
+def test_context_cache_clears_and_snapshots_labels_with_tokens():
+    cache = UserContextCache(4)
+    cache.update([1], [torch.zeros(2, 3)], [torch.ones(2, 1)], [torch.tensor([5, 6])])
+    saved = cache.snapshot()
+    cache.update([1, 2], [torch.ones(1, 3), torch.ones(2, 3)],
+                 [torch.zeros(1, 1), torch.zeros(2, 1)], [torch.tensor([7]), torch.tensor([1, 2])])
+    cache.load_state_dict(saved)
+    assert set(cache.tokens) == set(cache.labels) == set(cache.ts) == {1}
+    assert cache.tokens[1].shape == (2, 3) and cache.ts[1].tolist() == [5, 6]
+    cache.clear()
+    assert cache.tokens == cache.labels == cache.ts == {}

@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -237,17 +237,23 @@ class InstanceLogReader:
     """Iterate over this rank's partition of an instance log as :class:`InstanceBatch` objects.
 
     Args:
-        path: the log (a directory of Parquet files, or one file).
-        spec: its feature spec (default: the spec saved beside the log).
+        path: the log (a directory of Parquet files, or one file), or a list of logs of one
+            spec read as one log (their rows together, e.g. a user's train, valid and test
+            rows in one user order).
+        spec: its feature spec (default: the spec saved beside the (first) log).
         config: batch size, order, seed, drop_last and chunk size.
         rank, world_size: this process's partition; every row goes to exactly one rank.
         tmp_dir: where the external shuffle puts its temporary files (default: system temp).
     """
 
-    def __init__(self, path: PathLike, spec: Optional[FeatureSpec] = None,
+    def __init__(self, path: Union[PathLike, Sequence[PathLike]],
+                 spec: Optional[FeatureSpec] = None,
                  config: Optional[ReaderConfig] = None, rank: int = 0, world_size: int = 1,
                  tmp_dir: Optional[PathLike] = None) -> None:
-        self.path = Path(path)
+        paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+        if not paths:
+            raise ValueError("give at least one log")
+        self.path = paths[0]
         self.spec = spec if spec is not None else FeatureSpec.load(self.path)
         self.config = config or ReaderConfig()
         if not 0 <= rank < world_size:
@@ -257,7 +263,7 @@ class InstanceLogReader:
         self.rank, self.world_size = rank, world_size
         self.tmp_dir = tmp_dir
         self.epoch = 0
-        self.files = log_files(self.path)
+        self.files = [f for p in paths for f in log_files(p)]
         for f in self.files:
             names = set(open_parquet(f).schema_arrow.names)
             for col in self.spec.columns:

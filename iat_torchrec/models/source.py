@@ -12,10 +12,13 @@ Two training schemes (METHOD.md, "Stage 1a"):
 - ``user``: rows arrive grouped by user and time-sorted; a causal Source Instance Transformer
   (SIT) runs over each user's ``z`` sequence, with up to ``sit_context`` of the user's earlier
   tokens (from earlier batches, stop-gradient) in front; the loss is on the SIT outputs. The
-  stored token is always ``z`` from before the SIT. With ``sit_labels`` the SIT also reads the
-  labels of the user's earlier instances, each only where it had matured by the query's time
-  (``ts_j + label_delay <= ts_i``, ``ts_j < ts_i``; never the instance's own label): keeping
-  the context that earlier outcomes depend on then pays off in the source loss.
+  stored token is ``z`` from before the SIT (:meth:`SourceModelTrain.tokens`); the paper's
+  ablation stores the SIT's outputs instead (:meth:`SourceModelTrain.sit_tokens`: rows read in
+  user order, each user's earlier tokens streamed in as in training). With ``sit_labels``
+  the SIT also reads the labels of the user's earlier instances, each only where it had
+  matured by the query's time (``ts_j + label_delay <= ts_i``, ``ts_j < ts_i``; never the
+  instance's own label): keeping the context that earlier outcomes depend on then pays off in
+  the source loss.
 
 ``bottleneck=False`` gives the same model without the bottleneck (the base model the paper
 compares against): ``h`` goes straight into the decompress MLP.
@@ -237,6 +240,16 @@ class UserContextCache:
                 seq = seg if prev is None else torch.cat([prev.to(seg.device), seg])
                 cached[u] = seq[-self.size:].detach().cpu()
 
+    def clear(self) -> None:
+        """Forget every user's context (tokens, labels and timestamps together)."""
+        for cached in (self.tokens, self.labels, self.ts):
+            cached.clear()
+
+    def snapshot(self) -> Dict[str, object]:
+        """A copy of the state that later updates leave unchanged (for :meth:`load_state_dict`)."""
+        return {"size": self.size, "tokens": dict(self.tokens), "labels": dict(self.labels),
+                "ts": dict(self.ts)}
+
     def state_dict(self) -> Dict[str, object]:
         return {"size": self.size, "tokens": self.tokens, "labels": self.labels, "ts": self.ts}
 
@@ -354,3 +367,16 @@ class SourceModelTrain(nn.Module):
     def tokens(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """The instance tokens z [B, d] (before any SIT)."""
         return self.objective.tower.compress(self.sparse_arch(sparse), dense)
+
+    def sit_tokens(self, batch: InstanceBatch) -> torch.Tensor:
+        """The SIT's outputs [B, d] for the rows of a user-order batch (rows grouped by user,
+        time-sorted): each row's output over the user's earlier tokens (this batch's and,
+        stop-gradient, earlier batches' from the context cache, which the batch then extends;
+        a weight-0 batch leaves no trace), with matured earlier labels when the SIT reads
+        labels. The same computation as the user-order loss's, so it sees nothing of a row's
+        future and never the row's own label."""
+        if self.objective.sit is None:
+            raise ValueError("SIT outputs need the user-order scheme")
+        z = self.tokens(batch.sparse_features, batch.dense_features)
+        return self.objective._sit_outputs(z, batch.user_id, batch.weight, batch.labels,
+                                           batch.ts)

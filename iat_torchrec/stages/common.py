@@ -12,7 +12,7 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -114,9 +114,10 @@ def check_inputs(train_log: str, valid_log: str, export_logs: Sequence[str], sto
     return spec, exports
 
 
-def stage_reader(path: str, spec: FeatureSpec, batch_size: int, env: DistEnv,
-                 order: ReadOrder, seed: int = 0, reverse: bool = False) -> InstanceLogReader:
-    """This rank's reader of ``path``."""
+def stage_reader(path: Union[str, Sequence[str]], spec: FeatureSpec, batch_size: int,
+                 env: DistEnv, order: ReadOrder, seed: int = 0, reverse: bool = False
+                 ) -> InstanceLogReader:
+    """This rank's reader of ``path`` (a log, or a list of logs read as one)."""
     return InstanceLogReader(path, spec, ReaderConfig(batch_size=batch_size, order=order,
                                                       seed=seed, reverse=reverse),
                              rank=env.rank, world_size=env.world_size)
@@ -156,12 +157,14 @@ def build_sharded(make_model: Callable[[Optional[torch.device]], nn.Module], see
 
 
 @torch.no_grad()
-def export_rows(model: nn.Module, encode: Callable[[InstanceBatch], torch.Tensor], path: str,
-                spec: FeatureSpec, batch_size: int, env: DistEnv) -> Dict[str, np.ndarray]:
-    """This rank's share of ``path``: key columns, first label and ``encode(batch)`` per row.
-    Every rank runs the same number of batches (sharded lookups are collective)."""
+def export_rows(model: nn.Module, encode: Callable[[InstanceBatch], torch.Tensor],
+                path: Union[str, Sequence[str]], spec: FeatureSpec, batch_size: int,
+                env: DistEnv, order: ReadOrder = ReadOrder.TEMPORAL) -> Dict[str, np.ndarray]:
+    """This rank's share of ``path`` (a log, or logs read as one) in ``order``: key columns,
+    first label and ``encode(batch)`` per row. Every rank runs the same number of batches
+    (sharded lookups are collective; the extra ones are weight-0 padding)."""
     model.eval()
-    reader = stage_reader(path, spec, batch_size, env, ReadOrder.TEMPORAL)
+    reader = stage_reader(path, spec, batch_size, env, order)
     total = all_equal_batches(len(reader), env)
     out: Dict[str, List[np.ndarray]] = {k: [] for k in (*KEYS, "label", "tokens")}
     for batch in padded(reader, total):

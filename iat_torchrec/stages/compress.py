@@ -27,6 +27,8 @@ from iat_torchrec.stages.common import (StageIOConfig, build_sharded, start_expo
                                         write_token_store)
 from iat_torchrec.train.loop import Trainer, evaluate
 
+EXPORT_TOKENS = ("pre_sit", "post_sit")
+
 
 @dataclasses.dataclass
 class CompressConfig(StageIOConfig):
@@ -39,18 +41,27 @@ class CompressConfig(StageIOConfig):
         "help": "user scheme: alternate epochs forward and reverse in user order"})
     token_dtype: str = dataclasses.field(default="fp16", metadata={
         "help": "storage of the tokens: fp32, fp16 or int8 (row-wise scale and bias)"})
+    export_token: str = dataclasses.field(default="pre_sit", metadata={
+        "help": "what the store holds: pre_sit (z, the paper's choice) | post_sit (user scheme: "
+                "the SIT's output per instance, every export log read as one in user order, "
+                "each user's earlier instances as context; the paper's ablation)"})
     model: SourceModelConfig = nested(SourceModelConfig, "the source model")
 
     def check(self) -> None:
         if self.two_pass and self.scheme != Scheme.USER:
             raise ValueError("--two_pass applies to the user scheme only")
+        if self.export_token not in EXPORT_TOKENS:
+            raise ValueError(f"--export_token must be one of {EXPORT_TOKENS}, "
+                             f"got {self.export_token!r}")
+        if self.export_token == "post_sit" and self.scheme != Scheme.USER:
+            raise ValueError("--export_token post_sit needs the user scheme (the SIT)")
         if not self.model.bottleneck and self.scheme == Scheme.USER:
             raise ValueError("--model.bottleneck false (the base model) runs with the temporal "
                              "scheme only: the SIT reads bottleneck tokens")
 
 
 STAGE = "compress"
-NOT_IN_FINGERPRINT = (*COMMON_NOT_IN_FINGERPRINT, "token_dtype")
+NOT_IN_FINGERPRINT = (*COMMON_NOT_IN_FINGERPRINT, "token_dtype", "export_token")
 
 
 def build_source_model(spec: FeatureSpec, cfg: CompressConfig, env: DistEnv):
@@ -68,6 +79,17 @@ def compress_log(model, path: str, spec: FeatureSpec, cfg: CompressConfig,
     source: SourceModelTrain = model.module
     return export_rows(model, lambda b: source.tokens(b.sparse_features, b.dense_features)
                        .float(), path, spec, cfg.train.batch_size, env)
+
+
+def compress_post_sit(model, paths: List[str], spec: FeatureSpec, cfg: CompressConfig,
+                      env: DistEnv) -> Dict[str, np.ndarray]:
+    """This rank's share of all ``paths`` read as one log in user order (whole users per rank,
+    each user's rows of every log by time): key columns, first label and the SIT's output per
+    row (fp32), each over the user's earlier rows only, streamed from an empty context."""
+    source: SourceModelTrain = model.module
+    source.objective.cache.clear()
+    return export_rows(model, lambda b: source.sit_tokens(b).float(), paths, spec,
+                       cfg.train.batch_size, env, order=ReadOrder.USER)
 
 
 def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
@@ -89,11 +111,11 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
     def validate(epoch: int) -> None:
         if not cfg.valid_log:
             return
-        saved = dict(cache.tokens)  # validation must not leak into the training context
+        saved = cache.snapshot()  # validation must not leak into the training context
         order = ReadOrder.USER if cfg.scheme == Scheme.USER else ReadOrder.TEMPORAL
         reader = stage_reader(cfg.valid_log, spec, cfg.train.batch_size, env, order)
         metrics = evaluate(model, reader, env, list(spec.labels))
-        cache.tokens = saved
+        cache.load_state_dict(saved)
         if metrics is not None:
             history.append({"epoch": epoch, **metrics})
             stage_log(env, STAGE, f"epoch {epoch} valid " + "  ".join(
@@ -107,11 +129,14 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
     train_start = time.perf_counter()
     # Every pass reads each user's history from its start: context left from the previous pass
     # would put the user's later tokens in front of the earlier ones.
-    steps = trainer.fit(after_epoch=validate, before_epoch=lambda epoch: cache.tokens.clear())
+    steps = trainer.fit(after_epoch=validate, before_epoch=lambda epoch: cache.clear())
     train_seconds = time.perf_counter() - train_start
 
     export_start = time.perf_counter()
-    parts = {path: compress_log(model, path, spec, cfg, env) for path in exports}
+    if cfg.export_token == "post_sit":
+        parts = {"all": compress_post_sit(model, exports, spec, cfg, env)}
+    else:
+        parts = {path: compress_log(model, path, spec, cfg, env) for path in exports}
     exported = sum_over_ranks(sum(len(p["instance_id"]) for p in parts.values()), env)
     export_seconds = time.perf_counter() - export_start
     metadata = {
@@ -120,6 +145,7 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
         "training_window": training_window(cfg.train_log),
         "exported_logs": [str(Path(p).resolve()) for p in exports],
         "label_delay_s": spec.label_delay_s, "seed": cfg.train.seed, "two_pass": cfg.two_pass,
+        "export_token": cfg.export_token,
     }
     dim = next(iter(parts.values()))["tokens"].shape[1]
     write_token_store(cfg.store, list(parts.values()), kind="iat", token_shape=(dim,),
