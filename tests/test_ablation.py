@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 
 from iat_torchrec.pipeline import ablation
-from iat_torchrec.pipeline.ablation import (CLAIMS, AblationConfig, Arm, Claim, arm_dir, compare,
-                                            plan_arms, run_ablation)
-from iat_torchrec.pipeline.plan import VARIANTS
+from iat_torchrec.config import parse_config
+from iat_torchrec.pipeline.ablation import (CLAIMS, AblationConfig, Arm, Claim, arm_dir,
+                                            claim_length, compare, plan_arms, plot_lengths,
+                                            run_ablation)
+from iat_torchrec.pipeline.plan import VARIANTS, PipelineConfig, pipeline_flag_exclusions
 
 
 def test_every_claim_names_known_variants_and_arms_share_runs():
@@ -65,3 +67,93 @@ def test_run_ablation_runs_each_arm_once_and_writes_the_table(tmp_path, monkeypa
 def test_unknown_claims_are_refused():
     with pytest.raises(ValueError, match="unknown or no claims"):
         AblationConfig(claims=["nope"])
+
+
+NEW_CLAIMS = {
+    "post_sit": (("--compress.export_token", "post_sit"), "IAT user-order"),
+    "no_side_labels": (("--downstream.model.iat.side_labels", "false"), "IAT user-order"),
+    "iat_din": (("--downstream.model.iat.encoder", "din"), "IAT user-order"),
+    "sif_flat": (("--downstream.model.mixer.structure", "flat"), "SIF"),
+    "sif_pooled": (("--downstream.model.mixer.structure", "pooled"), "SIF"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_CLAIMS))
+def test_switch_claims_measure_one_flag_against_the_base_arm(name):
+    flags, variant = NEW_CLAIMS[name]
+    claim = next(c for c in CLAIMS if c.name == name)
+    assert claim.measured == Arm(variant, flags) and claim.reference == Arm(variant)
+    assert plan_arms([claim]) == {flags: [variant], (): []}
+
+
+def test_l256_runs_sif_and_bst_once_with_the_whole_history_for_bst():
+    claim = next(c for c in CLAIMS if c.name == "sif_l256")
+    flags = ("--assemble.max_len", "256", "--downstream.model.item_history_len", "256")
+    assert plan_arms([claim]) == {flags: ["SIF", "DLRM+BST"]}
+    assert [claim_length(c, 128) for c in CLAIMS if c.by_length] == [16, 64, 128, 256]
+    assert claim_length(CLAIMS[0], 128) is None
+
+
+def test_every_claims_flags_are_pipeline_settings():
+    """Parsed as run_ablation parses them, each flag lands on its declared setting."""
+    settings = {
+        "--compress.export_token": lambda c: c.compress.export_token,
+        "--downstream.model.iat.side_labels": lambda c: c.downstream.model.iat.side_labels,
+        "--downstream.model.iat.encoder": lambda c: c.downstream.model.iat.encoder,
+        "--downstream.model.mixer.structure": lambda c: c.downstream.model.mixer.structure,
+        "--assemble.max_len": lambda c: c.assemble.max_len,
+        "--downstream.model.item_history_len": lambda c: c.downstream.model.item_history_len,
+    }
+    base = parse_config(PipelineConfig, ["--config", "experiments/main.json"],
+                        exclude=pipeline_flag_exclusions())
+    assert (base.compress.export_token, base.downstream.model.iat.side_labels,
+            base.downstream.model.iat.encoder, base.downstream.model.mixer.structure) == \
+        ("pre_sit", True, "transformer", "mixer")
+    for flags, variants in plan_arms(CLAIMS).items():
+        argv = ["--config", "experiments/main.json", *flags, "--run_dir", "x"]
+        if variants:
+            argv += ["--variants", *variants]
+        cfg = parse_config(PipelineConfig, argv, exclude=pipeline_flag_exclusions())
+        for flag, value in zip(flags[::2], flags[1::2]):
+            if flag in settings:
+                got = settings[flag](cfg)
+                assert str(got).lower() == value, (flag, got)
+
+
+def _length_row(length, sif, bst, std=0.002):
+    gap = sif - bst
+    return {"claim": f"sif_l{length}", "length": length, "auc": [sif, bst],
+            "auc_std": [std, std], "auc_gap_pct": 100 * gap / bst,
+            "gauc_gap_pct": 50 * gap / bst, "measured": {"variant": "SIF", "flags": []},
+            "reference": {"variant": "DLRM+BST", "flags": []}}
+
+
+def test_the_plot_over_l_is_written_from_summary_rows(tmp_path):
+    rows = [_length_row(256, 0.74, 0.72), _length_row(16, 0.71, 0.705),
+            _length_row(64, 0.725, 0.71), {"claim": "two_pass"}]
+    out = tmp_path / "ablation.png"
+    assert plot_lengths(rows, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["ablation.png"]  # no temporary left
+    assert not plot_lengths([{"claim": "two_pass"}], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_run_ablation_writes_the_plot_beside_the_json(tmp_path, monkeypatch):
+    def fake_pipeline(cfg, log=print):
+        table = [dict(_row(0.70 + (0.01 if v == "SIF" else 0.0), 0.001), variant=v)
+                 for v in cfg.variants]
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(
+            {"datasets": {"synthetic": {"table": table}}}))
+
+    monkeypatch.setattr(ablation, "run_pipeline", fake_pipeline)
+    out = tmp_path / "res" / "abl.json"
+    cfg = AblationConfig(claims=["sif_l16", "sif_l256", "sif_base_l", "sif_flat"],
+                         base_run_dir=str(tmp_path / "base"), run_root=str(tmp_path / "abl"),
+                         out=str(out))
+    rows = run_ablation(cfg, log=lambda s: None)
+    assert [r.get("length") for r in rows] == [16, 128, 256, None]
+    assert (tmp_path / "res" / "abl.png").stat().st_size > 0
+    saved = json.loads(out.read_text())
+    assert [r.get("length") for r in saved["rows"]] == [16, 128, 256, None]

@@ -9,6 +9,10 @@ are then skipped). Every other arm runs only the variants its claims read, in
 reference's, relative to the reference; it counts as a gain or a loss only beyond twice the
 larger of the two seed stds, else "within spread".
 
+The claims over the history length L (``by_length``: SIF against DLRM+BST at L = 16, 64, 256
+and the base experiment's L) are also drawn: ``<out>.png`` beside the JSON, both variants' test
+AUC (mean +- std over seeds) against L, and SIF's relative gain.
+
 Example::
 
     rows = run_ablation(AblationConfig(claims=["two_pass"]))
@@ -23,7 +27,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from iat_torchrec.atomic import atomic_output
 from iat_torchrec.config import parse_config
@@ -42,17 +46,29 @@ class Arm:
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """A claim: ``measured`` against ``reference``, with what the paper reports."""
+    """A claim: ``measured`` against ``reference``, with what the paper reports; ``by_length``:
+    a point of the curve over the history length L (drawn by :func:`plot_lengths`)."""
 
     name: str
     claim: str
     paper: str
     measured: Arm
     reference: Arm
+    by_length: bool = False
 
 
 def _length(n: int) -> Tuple[str, ...]:
     return ("--assemble.max_len", str(n))
+
+
+_L256 = (*_length(256), "--downstream.model.item_history_len", "256")
+
+
+def _iat(*flags: str) -> Arm:
+    return Arm("IAT user-order", tuple(flags))
+
+
+LENGTH_GAINS = "gains grow with L where baselines saturate"
 
 
 CLAIMS: Tuple[Claim, ...] = (
@@ -68,12 +84,29 @@ CLAIMS: Tuple[Claim, ...] = (
     Claim("no_restarts", "SIF: HGAQ without dead-code restarts (anti-collapse off)",
           "-0.14% AUC",
           Arm("SIF", ("--tokenize.model.dead_code_threshold", "0")), Arm("SIF")),
-    Claim("sif_l16", "SIF over DLRM+BST at L = 16", "gains grow with L where baselines saturate",
-          Arm("SIF", _length(16)), Arm("DLRM+BST", _length(16))),
-    Claim("sif_l64", "SIF over DLRM+BST at L = 64", "gains grow with L where baselines saturate",
-          Arm("SIF", _length(64)), Arm("DLRM+BST", _length(64))),
-    Claim("sif_base_l", "SIF over DLRM+BST at the base experiment's L",
-          "gains grow with L where baselines saturate", Arm("SIF"), Arm("DLRM+BST")),
+    Claim("sif_l16", "SIF over DLRM+BST at L = 16", LENGTH_GAINS,
+          Arm("SIF", _length(16)), Arm("DLRM+BST", _length(16)), by_length=True),
+    Claim("sif_l64", "SIF over DLRM+BST at L = 64", LENGTH_GAINS,
+          Arm("SIF", _length(64)), Arm("DLRM+BST", _length(64)), by_length=True),
+    Claim("sif_base_l", "SIF over DLRM+BST at the base experiment's L", LENGTH_GAINS,
+          Arm("SIF"), Arm("DLRM+BST"), by_length=True),
+    # BST's item history is capped at item_history_len: at L = 256 it reads all 256 steps too.
+    Claim("sif_l256", "SIF over DLRM+BST at L = 256", LENGTH_GAINS,
+          Arm("SIF", _L256), Arm("DLRM+BST", _L256), by_length=True),
+    Claim("post_sit", "IAT user-order: store post-SIT instead of pre-SIT tokens",
+          "post-SIT -0.09% AUC", _iat("--compress.export_token", "post_sit"), _iat()),
+    Claim("no_side_labels", "IAT user-order: no label side information in the IAT branch",
+          "label side information needed (a loss without)",
+          _iat("--downstream.model.iat.side_labels", "false"), _iat()),
+    Claim("iat_din", "IAT user-order: DIN instead of a Transformer over IAT tokens",
+          "DIN +0.03% AUC over none, Transformer +0.29-0.31%",
+          _iat("--downstream.model.iat.encoder", "din"), _iat()),
+    Claim("sif_flat", "SIF: flat attention over all (L+1) T tokens instead of the SIF-Mixer",
+          "-0.24% GAUC", Arm("SIF", ("--downstream.model.mixer.structure", "flat")),
+          Arm("SIF")),
+    Claim("sif_pooled", "SIF: sub-tokens mean-pooled per sample first, attention over samples",
+          "-0.81% GAUC", Arm("SIF", ("--downstream.model.mixer.structure", "pooled")),
+          Arm("SIF")),
 )
 CLAIM_NAMES = tuple(c.name for c in CLAIMS)
 
@@ -118,16 +151,30 @@ def plan_arms(claims: Sequence[Claim]) -> Dict[Tuple[str, ...], List[str]]:
     return arms
 
 
-def compare(claim: Claim, rows: Dict[Tuple[str, ...], Dict[str, Dict[str, Any]]]
-            ) -> Dict[str, Any]:
+def claim_length(claim: Claim, base_length: int) -> Optional[int]:
+    """The history length L of a ``by_length`` claim (the base experiment's unless its flags
+    set ``--assemble.max_len``); None for the others."""
+    if not claim.by_length:
+        return None
+    flags = claim.measured.flags
+    if "--assemble.max_len" in flags:
+        return int(flags[flags.index("--assemble.max_len") + 1])
+    return base_length
+
+
+def compare(claim: Claim, rows: Dict[Tuple[str, ...], Dict[str, Dict[str, Any]]],
+            length: Optional[int] = None) -> Dict[str, Any]:
     """One table row: the claim's gaps (relative %, and absolute AUC), the spread and the
-    verdict, from each arm's summary rows (variant -> mean / std metrics)."""
+    verdict, from each arm's summary rows (variant -> mean / std metrics); ``length``: the
+    history length of a ``by_length`` claim, kept as ``"length"``."""
     m = rows[claim.measured.flags][claim.measured.variant]
     r = rows[claim.reference.flags][claim.reference.variant]
     out: Dict[str, Any] = {"claim": claim.name, "what": claim.claim, "paper": claim.paper,
                            "measured": dataclasses.asdict(claim.measured),
                            "reference": dataclasses.asdict(claim.reference),
                            "seeds": [m["seeds"], r["seeds"]]}
+    if length is not None:
+        out["length"] = length
     for k in ("auc", "gauc"):
         gap = m[f"{k}_mean"] - r[f"{k}_mean"]
         out[f"{k}"] = [m[f"{k}_mean"], r[f"{k}_mean"]]
@@ -150,25 +197,70 @@ def markdown(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot_lengths(rows: Sequence[Dict[str, Any]], path: "str | os.PathLike") -> bool:
+    """Draw the ``by_length`` rows (those with a ``"length"``) into the PNG ``path``
+    (atomically): left, the measured (SIF) and reference (DLRM+BST) variants' test AUC, mean
+    +- std over seeds, against L; right, the relative AUC and GAUC gain in %. False (nothing
+    written) without such rows."""
+    points = sorted((r for r in rows if r.get("length") is not None), key=lambda r: r["length"])
+    if not points:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [r["length"] for r in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, side in enumerate(("measured", "reference")):
+        left.errorbar(lengths, [r["auc"][i] for r in points],
+                      yerr=[r["auc_std"][i] for r in points], marker="o", capsize=3,
+                      label=points[0][side]["variant"])
+    left.set(xscale="log", xlabel="history length L", ylabel="test AUC (mean +- std)",
+             title="AUC against L")
+    left.legend()
+    for k in ("auc", "gauc"):
+        right.plot(lengths, [r[f"{k}_gap_pct"] for r in points], marker="o",
+                   label=f"{k.upper()} gain")
+    right.axhline(0.0, color="grey", linewidth=0.8)
+    right.set(xscale="log", xlabel="history length L", ylabel="relative gain (%)",
+              title=f"{points[0]['measured']['variant']} over "
+                    f"{points[0]['reference']['variant']}")
+    right.legend()
+    for ax in (left, right):
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
+    fig.tight_layout()
+    with atomic_output(path, overwrite=True) as t:
+        fig.savefig(t, format="png", dpi=120)
+    plt.close(fig)
+    return True
+
+
 def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = print
                  ) -> List[Dict[str, Any]]:
-    """Run (or reuse) every arm the chosen claims need, then print and write the table."""
+    """Run (or reuse) every arm the chosen claims need, then print and write the table (and,
+    for claims over L, the plot)."""
     claims = [c for c in CLAIMS if c.name in cfg.claims]
     rows: Dict[Tuple[str, ...], Dict[str, Dict[str, Any]]] = {}
+    base_length = 0
     for flags, variants in plan_arms(claims).items():
         run_dir = arm_dir(cfg, flags)
         argv = ["--config", cfg.config, *flags, "--run_dir", str(run_dir)]
         if variants:
             argv += ["--variants", *variants]
         log(f"[ablation] arm {' '.join(flags) or '(base)'} -> {run_dir}")
-        run_pipeline(parse_config(PipelineConfig, argv, exclude=pipeline_flag_exclusions()),
-                     log=log)
+        pipeline = parse_config(PipelineConfig, argv, exclude=pipeline_flag_exclusions())
+        if not flags:
+            base_length = pipeline.assemble.max_len
+        run_pipeline(pipeline, log=log)
         rows[flags] = summary_rows(str(run_dir))
-    table = [compare(c, rows) for c in claims]
+    table = [compare(c, rows, claim_length(c, base_length)) for c in claims]
     text = markdown(table)
     log(text)
     out = Path(cfg.out) if cfg.out else Path(cfg.run_root) / "ablation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if plot_lengths(table, out.with_suffix(".png")):
+        log(f"[ablation] plot of the claims over L: {out.with_suffix('.png')}")
     with atomic_output(out, overwrite=True) as t:
         t.write_text(json.dumps({
             "date": datetime.date.today().isoformat(),
@@ -178,5 +270,5 @@ def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = print
     return table
 
 
-__all__: Sequence[str] = ("Arm", "Claim", "CLAIMS", "AblationConfig", "plan_arms", "compare",
-                          "markdown", "run_ablation")
+__all__: Sequence[str] = ("Arm", "Claim", "CLAIMS", "AblationConfig", "plan_arms",
+                          "claim_length", "compare", "markdown", "plot_lengths", "run_ablation")
