@@ -7,8 +7,9 @@ few flags), then the table "claim / paper / measured here".
 
 The base arm is the base experiment itself, in ``--base_run_dir`` (the main job's run directory
 by default, so its stages are reused); the others run in ``<run_root>/<arm>`` with only the
-variants their claims read. Every flag is a field of
-:class:`iat_torchrec.pipeline.ablation.AblationConfig` (``--help``); the claims are
+variants their claims read. The claims over the history length L (SIF against DLRM+BST at
+L = 16, 64, 256 and the base L) are also drawn, next to the JSON as ``.png``. Every flag is a
+field of :class:`iat_torchrec.pipeline.ablation.AblationConfig` (``--help``); the claims are
 :data:`iat_torchrec.pipeline.ablation.CLAIMS`.
 """
 
