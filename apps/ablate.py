@@ -3,7 +3,7 @@ few flags), then the table "claim / paper / measured here".
 
     python apps/ablate.py                                  # every claim on the main job's config
     python apps/ablate.py --claims two_pass sit_labels --out results/ablation.json
-    python apps/ablate.py --config experiments/movielens_p1.json --base_run_dir outputs/ml-p1
+    python apps/ablate.py --base_config experiments/movielens_p1.json --base_run_dir outputs/ml-p1
 
 The base arm is the base experiment itself, in ``--base_run_dir`` (the main job's run directory
 by default, so its stages are reused); the others run in ``<run_root>/<arm>`` with only the

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from iat_torchrec.pipeline import ablation
 from iat_torchrec.config import parse_config
+from iat_torchrec.pipeline import ablation
 from iat_torchrec.pipeline.ablation import (CLAIMS, AblationConfig, Arm, Claim, arm_dir,
                                             claim_length, compare, plan_arms, plot_lengths,
                                             run_ablation)
@@ -157,3 +157,9 @@ def test_run_ablation_writes_the_plot_beside_the_json(tmp_path, monkeypatch):
     assert (tmp_path / "res" / "abl.png").stat().st_size > 0
     saved = json.loads(out.read_text())
     assert [r.get("length") for r in saved["rows"]] == [16, 128, 256, None]
+
+def test_the_app_parses_its_flags():
+    cfg = parse_config(AblationConfig, ["--base_config", "experiments/movielens_p1.json",
+                                        "--claims", "two_pass", "sif_l16", "--out", "a.json"])
+    assert (cfg.base_config, cfg.claims, cfg.out) == (
+        "experiments/movielens_p1.json", ["two_pass", "sif_l16"], "a.json")

@@ -1,8 +1,8 @@
 """The papers' claims, measured one by one: each claim compares one variant of one pipeline run
 against another variant (of the same run or of another), over the same seeds.
 
-A run is an *arm*: the base experiment (``--config``) plus a few flags. Arms with the same flags
-are one run, and the arm without flags is the base experiment itself, run in ``base_run_dir``
+A run is an *arm*: the base experiment (``--base_config``) plus a few flags. Arms with the same
+flags are one run, and the arm without flags is the base experiment itself, run in ``base_run_dir``
 with every variant (for the main job's config: the main job's own run directory, whose stages
 are then skipped). Every other arm runs only the variants its claims read, in
 ``<run_root>/<arm>``. A claim's gap is the mean test AUC (GAUC) of the measured variant minus the
@@ -115,7 +115,7 @@ CLAIM_NAMES = tuple(c.name for c in CLAIMS)
 class AblationConfig:
     """Measure the papers' claims (:data:`CLAIMS`) on a base experiment."""
 
-    config: str = dataclasses.field(default="experiments/main.json", metadata={
+    base_config: str = dataclasses.field(default="experiments/main.json", metadata={
         "help": "the base experiment (a pipeline --config file)"})
     claims: List[str] = dataclasses.field(default_factory=lambda: list(CLAIM_NAMES), metadata={
         "help": "claims to measure: " + ", ".join(CLAIM_NAMES)})
@@ -245,7 +245,7 @@ def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = print
     base_length = 0
     for flags, variants in plan_arms(claims).items():
         run_dir = arm_dir(cfg, flags)
-        argv = ["--config", cfg.config, *flags, "--run_dir", str(run_dir)]
+        argv = ["--config", cfg.base_config, *flags, "--run_dir", str(run_dir)]
         if variants:
             argv += ["--variants", *variants]
         log(f"[ablation] arm {' '.join(flags) or '(base)'} -> {run_dir}")
@@ -265,7 +265,7 @@ def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = print
         t.write_text(json.dumps({
             "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
-            "base_config": cfg.config, "spread": "std over seeds (population std)",
+            "base_config": cfg.base_config, "spread": "std over seeds (population std)",
             "rows": table}, indent=2) + "\n")
     return table
 
