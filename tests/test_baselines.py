@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchrec.models.dlrm import InteractionDCNArch
+from torchrec.models.dlrm import InteractionDCNArch, OverArch
 from torchrec.modules.crossnet import LowRankCrossNet
 
 import test_dlrm_sif as dlrm
 from iat_torchrec.history import LABEL_VOCAB_SIZE
-from iat_torchrec.models.dlrm_sif import ConcatInteraction, DLRM_SIFTrain
+from iat_torchrec.models.dlrm_sif import ConcatInteraction, DLRM_SIFTrain, with_dropout
 from iat_torchrec.models.history import MeanPoolHistory
 
 B, L, D = 6, 7, 8
@@ -90,3 +90,19 @@ def test_dcn_settings_are_checked():
         dlrm.small_config("sif_iat", "dcn")
     with pytest.raises(ValueError, match="dcn_layers"):
         dlrm.small_config("none", "dcn", dcn_low_rank=0)
+
+
+def test_over_arch_dropout_acts_in_training_only_and_keeps_the_weights():
+    torch.manual_seed(0)
+    plain = OverArch(12, [32, 16, 1])
+    assert with_dropout(plain, 0.0) is plain
+    torch.manual_seed(0)
+    dropped = with_dropout(OverArch(12, [32, 16, 1]), 0.5)
+    assert [p.shape for p in dropped.parameters()] == [p.shape for p in plain.parameters()]
+    for a, b in zip(dropped.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    x = torch.randn(64, 12)
+    dropped.eval()
+    torch.testing.assert_close(dropped(x), plain(x), rtol=0, atol=0)
+    dropped.train()
+    assert not torch.allclose(dropped(x), plain(x))

@@ -120,6 +120,8 @@ class DLRMSIFConfig:
     over_arch_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32], metadata={
         "help": "hidden sizes of the over arch (a final layer of one logit per label is "
                 "appended)"})
+    over_arch_dropout: float = dataclasses.field(default=0.0, metadata={
+        "help": "dropout after each hidden layer of the over arch (the peer's MLP: 0.1)"})
     dcn_layers: int = dataclasses.field(default=2, metadata={
         "help": "cross layers of the dcn interaction (2: TorchRec DLRM_DCN's example)"})
     dcn_low_rank: int = dataclasses.field(default=8, metadata={
@@ -157,6 +159,8 @@ class DLRMSIFConfig:
         if not self.over_arch_layers or any(n <= 0 for n in
                                             [*self.over_arch_layers, *self.dense_arch_layers]):
             raise ValueError("over_arch_layers needs at least one hidden size; sizes must be > 0")
+        if not 0.0 <= self.over_arch_dropout < 1.0:
+            raise ValueError(f"over_arch_dropout must be in [0, 1), got {self.over_arch_dropout}")
         if self.item_branch != "none":
             if not self.item_feature:
                 raise ValueError(f"history source {self.history_source.value} with item branch "
@@ -576,10 +580,27 @@ def build_tower(spec: FeatureSpec, config: DLRMSIFConfig, *,
                 SIFMixerInteractionArch(d, [d] * n, config.mixer, device=device)),
         }
         inter_arch = interactions[config.interaction]()
-    over_arch = OverArch(inter_arch.output_dim, [*config.over_arch_layers, len(spec.labels)],
-                         device=device)
+    over_arch = with_dropout(OverArch(inter_arch.output_dim,
+                                      [*config.over_arch_layers, len(spec.labels)],
+                                      device=device), config.over_arch_dropout)
     return DLRMSIFTower(sparse_names, d, dense_arch, history_archs, inter_arch, over_arch,
                         codebooks)
+
+
+def with_dropout(over_arch: OverArch, p: float) -> OverArch:
+    """TorchRec's ``OverArch`` with dropout ``p`` after each hidden layer (an MLP of Perceptrons,
+    then the logit layer); ``p`` 0 returns it unchanged. The parameters and their names stay
+    TorchRec's for ``p`` 0; for ``p`` > 0 each hidden layer becomes ``[Perceptron, Dropout]``.
+
+    Example::
+
+        arch = with_dropout(OverArch(32, [64, 1]), 0.1)   # [B, 32] -> [B, 1]
+    """
+    if p > 0:
+        mlp = over_arch.model[0]._mlp
+        for i, perceptron in enumerate(mlp):
+            mlp[i] = nn.Sequential(perceptron, nn.Dropout(p))
+    return over_arch
 
 
 class DLRM_SIF(nn.Module):
@@ -677,6 +698,6 @@ class DLRM_SIFTrain(nn.Module):
 __all__: Sequence[str] = (
     "DEFAULT_FIELDS_PER_SUBTOKEN", "DLRMSIFConfig", "embedding_tables", "codebook_sum",
     "FrozenLookup", "TowerInputs", "ItemHistoryArch", "IATHistoryArch", "TokenRows", "CodeRows",
-    "FeatureInteraction", "SIFMixerHistoryArch", "DLRMSIFTower", "build_tower", "DLRM_SIF",
-    "DLRM_SIFTrain",
+    "FeatureInteraction", "SIFMixerHistoryArch", "DLRMSIFTower", "build_tower", "with_dropout",
+    "DLRM_SIF", "DLRM_SIFTrain",
 )
