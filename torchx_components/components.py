@@ -15,6 +15,8 @@ launched.
 
 import torchx.specs as specs
 
+from iat_torchrec.serving.bundle import ExportConfig
+from iat_torchrec.serving.server import ServeConfig
 from iat_torchrec.stages.assemble import AssembleConfig
 from iat_torchrec.stages.compress import CompressConfig
 from iat_torchrec.stages.evaluate import EvaluateConfig
@@ -63,3 +65,17 @@ def train(config: TrainDownstreamConfig) -> specs.AppDef:
 def evaluate(config: EvaluateConfig) -> specs.AppDef:
     """Gather the downstream runs into the comparison table, plot and summary
     (apps/evaluate.py)."""
+
+
+@stage_component(ExportConfig, "apps/export_bundle.py", "iat-export-bundle",
+                 Resources(j=None, gpu=None, memMB=4096))
+def export_bundle(config: ExportConfig) -> specs.AppDef:
+    """Package a trained downstream model and its stores as a serving bundle
+    (apps/export_bundle.py)."""
+
+
+@stage_component(ServeConfig, "apps/serve.py", "iat-serve",
+                 Resources(j=None, gpu=None, memMB=4096))
+def serve(config: ServeConfig) -> specs.AppDef:
+    """Serve a bundle over HTTP: score requests with the user's live history, ingest new
+    instances (apps/serve.py)."""

@@ -67,6 +67,8 @@ class ColumnWriter:
         shape = (self.rows, *self.row_shape)
         self._file.seek(0)
         self._file.write(_header(self.dtype, shape))
+        self._file.flush()
+        os.fsync(self._file.fileno())  # on disk before any manifest names it
         self._file.close()
         return describe(self.dtype, shape, self._crc)
 

@@ -171,9 +171,24 @@ def _read_manifest(path: Path) -> Dict[str, Any]:
 
 
 def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Replace ``path`` atomically and durably: the new manifest is on disk (fsync) before the
+    rename, and the rename is on disk (directory fsync) before this returns."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the store
@@ -188,7 +203,8 @@ class TokenStore:
     :meth:`merge`, or open one with :meth:`open`."""
 
     def __init__(self, path: Path, manifest: Dict[str, Any], segments: List[_Segment],
-                 ids: Dict[str, np.ndarray], index: UserTimeIndex) -> None:
+                 ids: Dict[str, np.ndarray], index: UserTimeIndex,
+                 labels: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> None:
         self.path = path
         self.manifest = manifest
         self._segments = segments
@@ -196,6 +212,7 @@ class TokenStore:
                                 dtype=np.int64)
         self._id_sorted, self._id_rows = ids["id_sorted"], ids["id_rows"]
         self.time_index = index
+        self._label_rows, self._label_values = labels if labels is not None else (None, None)
 
     # ----------------------------------------------------------------- creating and opening
     @classmethod
@@ -272,7 +289,11 @@ class TokenStore:
             if arr.shape[0] != start:
                 raise TokenStoreError(f"{path / m['index'] / (name + '.npy')}: {arr.shape[0]} "
                                       f"entries for {start} rows: manifest and data do not match")
-        return cls(path, m, segments, ids, index)
+        labels = None
+        if m.get("label_overrides"):
+            lo = m["label_overrides"]
+            labels = (load(f"{lo}/rows.npy"), load(f"{lo}/values.npy"))
+        return cls(path, m, segments, ids, index, labels)
 
     @classmethod
     def merge(cls, parts: Sequence[PathLike], path: PathLike, *, overwrite: bool = False,
@@ -391,6 +412,8 @@ class TokenStore:
         every row in row order."""
         if name not in COLUMNS:
             raise KeyError(f"no column {name!r}; columns are {COLUMNS}")
+        if name == "label" and self._label_rows is not None:
+            return self._updated_labels(rows)
         if rows is None:
             parts = [s.columns[name] for s in self._segments]
             return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
@@ -404,6 +427,76 @@ class TokenStore:
             m = seg == s
             out[m] = self._segments[s].columns[name][rows[m] - self._segments[s].start]
         return out
+
+    def _updated_labels(self, rows: Optional[np.ndarray]) -> np.ndarray:
+        """The label column with :meth:`update_labels`'s later labels over the first ones."""
+        first = self._label_rows
+        self._label_rows = None
+        try:
+            out = np.array(self.column("label", rows))
+        finally:
+            self._label_rows = first
+        at = np.arange(self.num_rows) if rows is None else self._check_rows(rows)
+        pos = np.minimum(np.searchsorted(first, at), max(first.size - 1, 0))
+        hit = first[pos] == at if first.size else np.zeros(at.shape, bool)
+        out[hit] = self._label_values[pos[hit]]
+        return out
+
+    def update_labels(self, instance_ids: np.ndarray, labels: np.ndarray) -> "TokenStore":
+        """Record labels that arrived after their instances were stored (0/1 each; the last
+        given wins) and publish them as a new version: the time index (what histories read)
+        carries them, :meth:`column` ``("label")`` returns them; segment rows stay untouched.
+        Atomic and durable like an append (same lock); returns the new store."""
+        ids = np.asarray(instance_ids, dtype=np.int64).reshape(-1)
+        lab = np.asarray(labels).reshape(-1)
+        if lab.shape != ids.shape or lab.dtype.kind not in "iufb" or not np.isin(lab, (0, 1)).all():
+            raise TokenStoreError(f"{self.path}: update_labels needs one 0/1 label per instance "
+                                  f"id, got {lab.size} label(s) for {ids.size} id(s)")
+        lock = _take_lock(self.path)
+        version = self.version + 1
+        tmp_dirs: List[Path] = []
+        try:
+            rows = self.rows_of(ids)
+            if self._label_rows is not None:
+                rows = np.concatenate([self._label_rows, rows])
+                lab = np.concatenate([self._label_values, lab.astype(np.int8)])
+            last = np.unique(rows[::-1], return_index=True)[1]  # last update of each row
+            keep = rows.size - 1 - last
+            new_rows, new_values = rows[keep], lab[keep].astype(np.int8)
+            old = dict(self.manifest)
+            name = f"labels-v{version:05d}"
+            label_tmp = self.path / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+            label_tmp.mkdir()
+            tmp_dirs.append(label_tmp)
+            checksums = {k: v for k, v in old["checksums"].items()
+                         if k.startswith(SEGMENTS + "/")}
+            checksums[f"{name}/rows.npy"] = write_column(label_tmp / "rows.npy", new_rows)
+            checksums[f"{name}/values.npy"] = write_column(label_tmp / "values.npy", new_values)
+            keys = {c: self.column(c) for c in KEY_COLUMNS if c != "label"}
+            keys["label"] = np.array(self.column("label"))
+            keys["label"][new_rows] = new_values
+            manifest = {k: old[k] for k in ("kind", "token_shape", "dtype", "metadata",
+                                            "segments") if k in old}
+            manifest.update(version=version, created_at=old.get("created_at"),
+                            label_overrides=name)
+            index_tmp = self.path / f".index-v{version:05d}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp_dirs.append(index_tmp)
+            _finish(self.path, manifest, keys, checksums, _Where([("store row", self.num_rows)]),
+                    index_dir=index_tmp)
+            for src, dst in ((label_tmp, self.path / name),
+                             (index_tmp, self.path / manifest["index"])):
+                if dst.exists():  # left by a crash before a manifest swap
+                    shutil.rmtree(dst)
+                os.replace(src, dst)
+            _write_manifest(self.path / MANIFEST, manifest)  # the commit point
+            for stale in (old["index"], old.get("label_overrides")):
+                if stale and (self.path / stale).exists():
+                    shutil.rmtree(self.path / stale, ignore_errors=True)
+        finally:
+            for d in tmp_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        return TokenStore.open(self.path, verify=False)
 
     def tokens(self, rows: np.ndarray) -> np.ndarray:
         """Tokens of ``rows`` as stored (fp32 / fp16 [n, d], FBGEMM int8 rows uint8 [n, 4 + d],
@@ -492,6 +585,20 @@ def _finish(index_parent: Path, manifest: Dict[str, Any], keys: Dict[str, np.nda
     return manifest
 
 
+def _take_lock(path: Path) -> Path:
+    """The store's writer lock (one appender or label update at a time)."""
+    lock = path / LOCK
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise TokenStoreError(
+            f"{lock}: another appender holds this store (if none is running, a "
+            "crashed one left the lock: remove the file)") from None
+    os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+    os.close(fd)
+    return lock
+
+
 class TokenStoreWriter(CommitOnExit):
     """Streams rows into a new store (from :meth:`TokenStore.create`) or a new segment of an
     existing one (from :meth:`TokenStore.appender`). Use as a context manager, or call
@@ -513,15 +620,7 @@ class TokenStoreWriter(CommitOnExit):
             self._seg_name = "seg-00000"
             self._seg_dir = self._root / SEGMENTS / self._seg_name
         else:
-            self._lock = path / LOCK
-            try:
-                fd = os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                raise TokenStoreError(
-                    f"{self._lock}: another appender holds this store (if none is running, a "
-                    "crashed one left the lock: remove the file)") from None
-            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-            os.close(fd)
+            self._lock = _take_lock(path)
             self._root = path
             self._seg_name = f"seg-{len(base.manifest['segments']):05d}"
             self._seg_dir = path / SEGMENTS / f".{self._seg_name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -643,8 +742,12 @@ class TokenStoreWriter(CommitOnExit):
                                 created_at=old.get("created_at"))
                 if "merged_from" in old:
                     manifest["merged_from"] = old["merged_from"]
+                lo = old.get("label_overrides")
+                if lo:
+                    manifest["label_overrides"] = lo
                 checksums = {**{k: v for k, v in old["checksums"].items()
-                                if k.startswith(SEGMENTS + "/")}, **checksums}
+                                if k.startswith(SEGMENTS + "/") or (lo and k.startswith(lo + "/"))},
+                             **checksums}
                 index_tmp = (self.path / f".index-v{manifest['version']:05d}"
                              f".tmp-{uuid.uuid4().hex[:8]}")
                 where = _Where([("existing store row", base.num_rows), *self._calls])
@@ -660,6 +763,7 @@ class TokenStoreWriter(CommitOnExit):
                         shutil.rmtree(stale)
                 os.replace(self._seg_dir, final_seg)
                 os.replace(index_tmp, final_index)
+                fsync_dir(final_seg.parent)
                 # The commit point: the new manifest names the new segment and index.
                 _write_manifest(self.path / MANIFEST, manifest)
                 old_index = self.path / old["index"]
