@@ -360,7 +360,11 @@ def serve(cfg: ServeConfig, on_started: Optional[Callable[[int], None]] = None) 
     if not cfg.bundle:
         raise RequestError("--bundle", "required: the bundle directory to serve")
     Bundle.load(cfg.bundle)  # refuse a bad bundle before binding the port
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((cfg.host, cfg.port))
@@ -369,5 +373,5 @@ def serve(cfg: ServeConfig, on_started: Optional[Callable[[int], None]] = None) 
     if on_started is not None:
         on_started(port)
     server = uvicorn.Server(uvicorn.Config(create_app(cfg), log_level="warning",
-                                           access_log=False))
+                                           access_log=False, log_config=None))
     server.run(sockets=[sock])
