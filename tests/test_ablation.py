@@ -43,22 +43,22 @@ def test_run_ablation_runs_each_arm_once_and_writes_the_table(tmp_path, monkeypa
     runs = []
 
     def fake_pipeline(cfg, log=print):
-        runs.append((cfg.run_dir, list(cfg.variants), cfg.compress.two_pass))
-        table = [dict(_row(0.70 + 0.01 * cfg.compress.two_pass, 0.001), variant=v)
+        runs.append((cfg.run_dir, list(cfg.variants), cfg.compress.model.sit_labels))
+        table = [dict(_row(0.70 + 0.01 * cfg.compress.model.sit_labels, 0.001), variant=v)
                  for v in cfg.variants]
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(
             {"datasets": {"synthetic": {"table": table}}}))
 
     monkeypatch.setattr(ablation, "run_pipeline", fake_pipeline)
-    cfg = AblationConfig(claims=["two_pass", "user_order"], base_run_dir=str(tmp_path / "base"),
+    cfg = AblationConfig(claims=["sit_labels", "user_order"], base_run_dir=str(tmp_path / "base"),
                          run_root=str(tmp_path / "abl"))
     rows = run_ablation(cfg, log=lambda s: None)
-    assert len(runs) == 2  # the base arm (both claims' references, user_order) and two_pass
+    assert len(runs) == 2  # the base arm (both claims' references, user_order) and sit_labels
     assert runs[0][0] == str(tmp_path / "base") and len(runs[0][1]) == len(VARIANTS)
     assert runs[1][1] == ["IAT user-order"] and runs[1][2] is True
-    assert runs[1][0] == str(arm_dir(cfg, ("--compress.two_pass", "true")))
-    assert [r["claim"] for r in rows] == ["user_order", "two_pass"]
+    assert runs[1][0] == str(arm_dir(cfg, ("--compress.model.sit_labels", "true")))
+    assert [r["claim"] for r in rows] == ["user_order", "sit_labels"]
     assert rows[1]["verdict"] == "gain" and rows[0]["verdict"] == "within spread"
     saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["base_config"]
