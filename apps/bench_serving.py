@@ -42,9 +42,7 @@ import torch
 from iat_torchrec.atomic import atomic_output
 from iat_torchrec.benchmark import best_time, markdown_table
 from iat_torchrec.config import parse_config
-from iat_torchrec.history import HistoryBatch, add_history_items, last_range_steps
 from iat_torchrec.serving.bundle import Bundle, ExportConfig, export_bundle
-from iat_torchrec.serving.features import candidate_features
 from iat_torchrec.serving.scorer import Scorer, ScoreRequest, log_requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,39 +202,13 @@ def load(port: int, bodies: Sequence[bytes], clients: int, seconds: float) -> Di
             "p99_ms": float(q[2]), "requests_per_s": len(lat) / wall}
 
 
-@torch.no_grad()
 def offline_forward_seconds(scorer: Scorer, body: bytes, repeats: int) -> float:
     """Best time of the model's own forward over one request's candidates and history (the
-    inputs built beforehand, the way :meth:`Scorer.logits` builds them)."""
+    inputs prepared beforehand, as the server prepares them)."""
     b = json.loads(body)
-    r = ScoreRequest(user_id=b["user_id"], ts=b["ts"], candidates=b["candidates"])
-    dense, sparse, _ = candidate_features(scorer.spec, r.candidates)
-    history = None
-    n = len(r.candidates)
-    if scorer.history_store is not None:
-        t = np.array([r.ts], np.int64)
-        begin, length, _ = scorer.history_store.time_index.query(
-            np.array([r.user_id], np.int64), t, scorer.layout.max_len, allow_unknown_users=True)
-        h = scorer.materializer(torch.from_numpy(begin), torch.from_numpy(length),
-                                torch.from_numpy(t))
-        g = torch.zeros(n, dtype=torch.int64)
-        history = HistoryBatch(row_ids=h.row_ids[g], mask=h.mask[g], label=h.label[g],
-                               gap_bucket=h.gap_bucket[g], length=h.length[g])
-        if scorer.item_len:
-            pos, valid = last_range_steps(begin, length, scorer.layout.max_len, scorer.item_len)
-            items = np.where(valid, scorer.row_items[scorer.index_rows[pos]], -1)
-            sparse = add_history_items(sparse, torch.from_numpy(
-                np.ascontiguousarray(items, dtype=np.int64))[g])
-    for lookup in (scorer.token_lookup, scorer.code_lookup):
-        if lookup is not None:
-            lookup.first, lookup.groups = torch.zeros(1, dtype=torch.int64), \
-                torch.zeros(n, dtype=torch.int64)
-    try:
-        return best_time(lambda: scorer.model(dense, sparse, history), repeats, warmup=True)
-    finally:
-        for lookup in (scorer.token_lookup, scorer.code_lookup):
-            if lookup is not None:
-                lookup.first = lookup.groups = None
+    x = scorer.prepare([ScoreRequest(user_id=b["user_id"], ts=b["ts"],
+                                     candidates=b["candidates"])])
+    return best_time(lambda: scorer.forward(x), repeats, warmup=True)
 
 
 def run(cfg: BenchServingConfig) -> Dict[str, Any]:

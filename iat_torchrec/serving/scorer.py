@@ -48,6 +48,20 @@ class ScoreRequest:
     instance_id: Optional[int] = None  # the logged instance a replayed request stands for
 
 
+@dataclasses.dataclass
+class ScoringInputs:
+    """What :meth:`Scorer.forward` runs on: the candidates' ``dense`` [B, num_dense] and
+    ``sparse`` features, their ``history`` (each candidate's request's), and per request
+    ``sizes`` [R] (candidates), ``first`` [R] (its first candidate's row), ``groups`` [B]."""
+
+    dense: torch.Tensor
+    sparse: Any
+    history: Optional[HistoryBatch]
+    first: torch.Tensor
+    groups: torch.Tensor
+    sizes: torch.Tensor
+
+
 class SharedHistoryLookup(nn.Module):
     """A store lookup (row ids [N, L] -> [N, L, ...]) that reads each request's rows once.
 
@@ -156,9 +170,8 @@ class Scorer:
                                              f"(ts {s.manifest['ts_min']}): no history could "
                                              "exist yet")
 
-    @torch.no_grad()
-    def logits(self, requests: Sequence[ScoreRequest]) -> List[np.ndarray]:
-        """Logits [C_r, num_labels] float32 of each request's candidates."""
+    def prepare(self, requests: Sequence[ScoreRequest]) -> "ScoringInputs":
+        """The model inputs of ``requests`` (steps 1-3 of the module docstring)."""
         for r in requests:
             self.check(r)
         sizes = torch.tensor([len(r.candidates) for r in requests], dtype=torch.int64)
@@ -183,16 +196,25 @@ class Scorer:
                          if self.index_rows.size else np.full(pos.shape, -1))
                 sparse = add_history_items(sparse, torch.from_numpy(
                     np.ascontiguousarray(items, dtype=np.int64))[groups])
-        for lookup in (self.token_lookup, self.code_lookup):
-            if lookup is not None:
-                lookup.first, lookup.groups = first, groups
+        return ScoringInputs(dense, sparse, history, first, groups, sizes)
+
+    @torch.no_grad()
+    def forward(self, x: "ScoringInputs") -> torch.Tensor:
+        """The model's logits [B, num_labels] over prepared inputs, each request's history rows
+        looked up once."""
+        lookups = [lk for lk in (self.token_lookup, self.code_lookup) if lk is not None]
+        for lookup in lookups:
+            lookup.first, lookup.groups = x.first, x.groups
         try:
-            out = self.model(dense, sparse, history)
+            return self.model(x.dense, x.sparse, x.history)
         finally:
-            for lookup in (self.token_lookup, self.code_lookup):
-                if lookup is not None:
-                    lookup.first = lookup.groups = None
-        return list(torch.split(out.float(), sizes.tolist()))
+            for lookup in lookups:
+                lookup.first = lookup.groups = None
+
+    def logits(self, requests: Sequence[ScoreRequest]) -> List[np.ndarray]:
+        """Logits [C_r, num_labels] float32 of each request's candidates."""
+        x = self.prepare(requests)
+        return list(torch.split(self.forward(x).float(), x.sizes.tolist()))
 
     def score(self, requests: Sequence[ScoreRequest]) -> List[Dict[str, List[float]]]:
         """Per request, label -> probabilities (sigmoid of the logits), one per candidate."""
