@@ -2,12 +2,16 @@
 
 The tables are those of a feature spec (one per sparse field, as the downstream model builds
 them: :func:`iat_torchrec.models.dlrm_sif.embedding_tables`) and / or described groups of
-tables, plus an optional instance-token store, planned as the table
-:class:`iat_torchrec.tokens.lookup.ShardedInstanceTokenLookup` serves it (an
-``EmbeddingCollection`` keyed by row id, frozen: no optimizer state). Everything is built on the
-``meta`` device, so a 500M-row table allocates nothing; the topology (hosts x devices, HBM, host
-DDR, bandwidths) is TorchRec's own ``Topology`` in dry-run mode, and the plan is
-``EmbeddingShardingPlanner.plan`` (no process group).
+tables, plus an optional instance-token store, planned as one more table the way
+:class:`iat_torchrec.tokens.lookup.ShardedInstanceTokenLookup` serves it: keyed by row id,
+row-wise (one contiguous row range per rank) or table-wise, rows as stored (an int8 row is d
+codes plus its fp16 scale and bias: planned as the fp16 table of the same bytes), in HBM
+(``fused``, its location "device") or host memory behind an HBM cache (``fused_uvm_caching``,
+"managed_caching"), frozen: no optimizer state (the planner's perf estimate still counts a
+backward for it). Everything is built on the ``meta`` device, so a 500M-row table allocates
+nothing; the topology (hosts x devices, HBM, host DDR, bandwidths) is TorchRec's own
+``Topology`` in dry-run mode, and the plan is ``EmbeddingShardingPlanner.plan`` (no process
+group).
 
 A table that cannot be placed is reported, never dropped silently: first each table alone (its
 smallest sharding option against one device and against the whole cluster), then, when the
@@ -53,6 +57,7 @@ from iat_torchrec.data.spec import FeatureSpec
 from iat_torchrec.distributed.sharding import SPARSE_OPTIMIZERS
 from iat_torchrec.models.dlrm_sif import DLRMSIFConfig, embedding_tables
 from iat_torchrec.tokens.lookup import TABLE as TOKEN_TABLE
+from iat_torchrec.tokens.store import INT8_SCALE_BIAS_BYTES
 
 GB = 1024 ** 3  # bytes; TorchRec's planner counts GB this way
 TABLES_MODULE, TOKENS_MODULE = "tables", "tokens"
@@ -101,8 +106,8 @@ class TokenStoreDescription:
 
     num_instances: int = _field(0, "N: rows of the token store (0: no token store)")
     width: int = _field(64, "d: token width")
-    dtype: str = _field("fp16", "fp32 | fp16 | int8 (an int8 store is served as fp16 "
-                                "weights, as ShardedInstanceTokenLookup does)")
+    dtype: str = _field("fp16", "fp32 | fp16 | int8 (rows as stored: int8 rows are d codes "
+                                "and a 4-byte scale and bias)")
     lookups_per_sample: float = _field(256.0, "token ids looked up per sample: the history "
                                               "length L")
 
@@ -171,8 +176,8 @@ class PlanConfig:
 # --------------------------------------------------------------------------- tables
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
-    """One table to plan: ``module`` is "tables" (trained, an EmbeddingBagCollection) or
-    "tokens" (the frozen token store, an EmbeddingCollection)."""
+    """One table to plan: ``module`` is "tables" (trained, an EmbeddingBagCollection; fp32 or
+    fp16) or "tokens" (the frozen token store, an EmbeddingCollection; fp32, fp16 or int8)."""
 
     name: str
     rows: int
@@ -182,8 +187,23 @@ class TableSpec:
     module: str = TABLES_MODULE
 
     @property
+    def row_bytes(self) -> int:
+        """One stored row: 4 or 2 bytes per value, an int8 row d codes and its scale and bias."""
+        if self.dtype == "int8":
+            return self.dim + INT8_SCALE_BIAS_BYTES
+        return self.dim * (4 if self.dtype == "fp32" else 2)
+
+    @property
     def weight_bytes(self) -> int:
-        return self.rows * self.dim * (4 if self.dtype == "fp32" else 2)
+        return self.rows * self.row_bytes
+
+    @property
+    def planned_as(self) -> Tuple[DataType, int]:
+        """The data type and width of the table the planner sees (int8 rows: the fp16 table
+        of the same bytes, e.g. d = 64 -> 34 fp16 columns)."""
+        if self.dtype == "int8":
+            return DataType.FP16, self.row_bytes // 2
+        return DTYPES[self.dtype], self.dim
 
 
 def _number(text: str, what: str, group: str) -> float:
@@ -267,8 +287,7 @@ def described_tables(config: PlanConfig) -> List[TableSpec]:
         if tokens.width <= 0 or tokens.width % 4:
             raise PlanError(f"tokens.width must be a positive multiple of 4 (FBGEMM), got "
                             f"{tokens.width}")
-        tables.append(TableSpec(TOKEN_TABLE, tokens.num_instances, tokens.width,
-                                "fp32" if tokens.dtype == "fp32" else "fp16",
+        tables.append(TableSpec(TOKEN_TABLE, tokens.num_instances, tokens.width, tokens.dtype,
                                 tokens.lookups_per_sample, TOKENS_MODULE))
     if not tables:
         raise PlanError("nothing to plan: give model.spec, model.tables or tokens.num_instances")
@@ -289,15 +308,15 @@ class PlannedModel(nn.Module):
         frozen = [t for t in tables if t.module == TOKENS_MODULE]
         if trained:
             self.tables = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
-                name=t.name, embedding_dim=t.dim, num_embeddings=t.rows, feature_names=[t.name],
-                data_type=DTYPES[t.dtype]) for t in trained], device=meta)
+                name=t.name, embedding_dim=t.planned_as[1], num_embeddings=t.rows,
+                feature_names=[t.name], data_type=t.planned_as[0]) for t in trained], device=meta)
             # Only the optimizer's class reaches the planner (its state size), not its lr.
             apply_optimizer_in_backward(SPARSE_OPTIMIZERS[optimizer], self.tables.parameters(),
                                         {"lr": 0.01})
         if frozen:
             self.tokens = EmbeddingCollection(tables=[EmbeddingConfig(
-                name=t.name, embedding_dim=t.dim, num_embeddings=t.rows, feature_names=[t.name],
-                data_type=DTYPES[t.dtype]) for t in frozen], device=meta)
+                name=t.name, embedding_dim=t.planned_as[1], num_embeddings=t.rows,
+                feature_names=[t.name], data_type=t.planned_as[0]) for t in frozen], device=meta)
 
 
 # --------------------------------------------------------------------------- planner parts
@@ -450,8 +469,8 @@ class PlanResult:
         estimates, per device the use, and what does not fit."""
         def table(t: TableSpec) -> Dict[str, Any]:
             return {"name": t.name, "module": t.module, "rows": t.rows, "dim": t.dim,
-                    "dtype": t.dtype, "pooling_factor": t.pooling_factor,
-                    "weight_bytes": t.weight_bytes}
+                    "dtype": t.dtype, "planned_columns": t.planned_as[1],
+                    "pooling_factor": t.pooling_factor, "weight_bytes": t.weight_bytes}
 
         return {
             "description": self.config.description,
