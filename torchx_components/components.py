@@ -15,6 +15,7 @@ launched.
 
 import torchx.specs as specs
 
+from iat_torchrec.distributed.plan import PlanConfig
 from iat_torchrec.serving.bundle import ExportConfig
 from iat_torchrec.serving.server import ServeConfig
 from iat_torchrec.stages.assemble import AssembleConfig
@@ -79,3 +80,10 @@ def export_bundle(config: ExportConfig) -> specs.AppDef:
 def serve(config: ServeConfig) -> specs.AppDef:
     """Serve a bundle over HTTP: score requests with the user's live history, ingest new
     instances (apps/serve.py)."""
+
+
+@stage_component(PlanConfig, "apps/plan.py", "iat-plan",
+                 Resources(j=None, cpu=1, gpu=None, memMB=4096))
+def plan(config: PlanConfig) -> specs.AppDef:
+    """Plan the sharding of embedding tables and a token store for a described cluster with
+    TorchRec's planner, on paper (apps/plan.py): no devices, nothing allocated."""
