@@ -1,5 +1,5 @@
 """Serving end to end on a tiny pipeline run: bundles of DLRM, IAT user-order and SIF over IAT
-tokens; scores served by the real server process (apps/serve.py on a loopback port) equal the
+tokens (and the last two with the history blind to the candidate, from a second run); scores served by the real server process (apps/serve.py on a loopback port) equal the
 offline model's on the test split; candidates of one request share its history exactly; a
 server killed during an ingest loses no acknowledged instance and shows nothing half-written;
 bad requests get 4xx naming the field; a tampered bundle is refused; late labels."""
@@ -39,27 +39,38 @@ from iat_torchrec.tokens.store import TokenStore, TokenStoreError
 VARIANTS = {"DLRM": {}, "IAT_user-order": {"source_checkpoint": "iat_user"},
             "SIF_over_IAT_tokens": {"source_checkpoint": "iat_user",
                                     "tokenizer_checkpoint": "sif"}}
+# The same two history variants with the history blind to the candidate (encoded once per
+# request), trained in a run of their own: bundle name -> (variant, checkpoints).
+BLIND = ["--downstream.model.iat.history_sees_query", "false",
+         "--downstream.model.mixer.history_sees_target", "false",
+         "--variants", "IAT user-order", "SIF over IAT tokens"]
+BLIND_VARIANTS = {f"{name}_blind": name for name in ("IAT_user-order", "SIF_over_IAT_tokens")}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny pipeline run and an fp32 bundle of each variant."""
+    """Tiny pipeline runs (the paper's forms; the history blind to the candidate) and an fp32
+    bundle of each variant."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("serving")
     cwd = os.getcwd()
     try:
-        run_pipeline(parse_config(PipelineConfig, TINY + E2E_VARIANTS + [
-            "--data.data_dir", str(root / "data"), "--run_dir", str(root / "run")]),
-            log=lambda s: None)
+        for run, flags in (("run", E2E_VARIANTS), ("run_blind", BLIND)):
+            run_pipeline(parse_config(PipelineConfig, TINY + flags + [
+                "--data.data_dir", str(root / "data"), "--run_dir", str(root / run)]),
+                log=lambda s: None)
     finally:
         os.chdir(cwd)
     seed = root / "run" / "work" / "synthetic" / "seed0"
     bundles = {}
-    for name, ck in VARIANTS.items():
-        bundles[name] = export_bundle(ExportConfig(
-            train_results=str(seed / f"results_{name}.json"), output=str(root / name),
-            **{k: str(seed / "checkpoints" / v) for k, v in ck.items()}))
+    names = [(name, name, seed) for name in VARIANTS] + [
+        (blind, name, root / "run_blind" / "work" / "synthetic" / "seed0")
+        for blind, name in BLIND_VARIANTS.items()]
+    for bundle, name, work in names:
+        bundles[bundle] = export_bundle(ExportConfig(
+            train_results=str(work / f"results_{name}.json"), output=str(root / bundle),
+            **{k: str(work / "checkpoints" / v) for k, v in VARIANTS[name].items()}))
     yield {"root": root, "seed": seed, "bundles": bundles}
     torch.set_num_threads(threads)
 
@@ -146,7 +157,7 @@ def _body(r: ScoreRequest, candidates: List[Dict[str, Any]] = None) -> Dict[str,
     return {"user_id": r.user_id, "ts": r.ts, "candidates": candidates or list(r.candidates)}
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [*VARIANTS, *BLIND_VARIANTS])
 def test_served_scores_equal_the_offline_evaluation(world, variant):
     bundle = Bundle.load(world["bundles"][variant])
     offline = offline_logits(bundle)
@@ -197,7 +208,7 @@ def test_quantised_tables_score_within_tolerance(world, tmp_path, dtype, atol):
     assert bundle.manifest["table_dtype"] == dtype
 
 
-@pytest.mark.parametrize("variant", ["IAT_user-order", "SIF_over_IAT_tokens"])
+@pytest.mark.parametrize("variant", ["IAT_user-order", "SIF_over_IAT_tokens", *BLIND_VARIANTS])
 def test_candidates_of_one_request_share_its_history_exactly(world, variant):
     bundle = Bundle.load(world["bundles"][variant])
     requests = log_requests(_train_config(bundle).test_log, bundle.spec, limit=40)

@@ -7,7 +7,7 @@ into parts:
 - history feature parts, each one more feature token [B, D] for the interaction:
   :class:`ItemHistoryArch` (DIN, BST or a mean pool over the last k item ids) and
   :class:`IATHistoryArch` (the IAT branch over instance tokens);
-- SIF-Mixer history rows [B, L, T, d0]: :class:`TokenRows` (IAT tokens mapped to T x d0) and
+- SIF-Mixer history rows [R, L, T, d0]: :class:`TokenRows` (IAT tokens mapped to T x d0) and
   :class:`CodeRows` (codebook sums of HGAQ codes), summed when both;
 - the interaction: :class:`FeatureInteraction` around TorchRec's ``InteractionArch`` (``dot``:
   with source ``none`` exactly TorchRec's DLRM, the reference), TorchRec's
@@ -91,6 +91,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from iat_torchrec.data.spec import FeatureSpec
 from iat_torchrec.history import (LABEL_VOCAB_SIZE, DownstreamBatch, HistoryBatch,
                                   history_item_features, last_steps)
+from iat_torchrec.models.attention import QueryGroups
 from iat_torchrec.models.hgaq import HGAQConfig, keyed_columns, subtoken_layout
 from iat_torchrec.models.history import (DEFAULT_GAP_VOCAB, BSTConfig, BSTEncoder, DINAttention,
                                          DINConfig, IATBranch, IATBranchConfig,
@@ -239,8 +240,9 @@ class FrozenLookup:
 class TowerInputs:
     """What the tower's parts read, for B target samples: ``dense`` [B, D] (the dense arch's
     output), ``sparse`` [B, F, D] (the target's sparse embeddings, spec order), ``pooled`` (the
-    EBC's KeyedTensor, item-history features included), ``history``, ``target_codes`` [B, T, M]
-    and the tower's frozen ``codebooks`` [T, M, V, d0]."""
+    EBC's KeyedTensor, item-history features included), ``history`` (R histories: one per
+    sample, or with ``groups`` the one each sample reads), ``target_codes`` [B, T, M] and the
+    tower's frozen ``codebooks`` [T, M, V, d0]."""
 
     dense: torch.Tensor
     sparse: torch.Tensor
@@ -248,13 +250,21 @@ class TowerInputs:
     history: Optional[HistoryBatch] = None
     target_codes: Optional[torch.Tensor] = None
     codebooks: Optional[torch.Tensor] = None
+    groups: Optional[QueryGroups] = None
 
-    def history_batch(self) -> HistoryBatch:
-        """The histories, which a part reading them cannot do without."""
+    def shared_history(self) -> HistoryBatch:
+        """The R histories, which a part reading them cannot do without."""
         if self.history is None:
             raise ValueError("the model's history parts read histories: the batch needs its "
                              "history")
         return self.history
+
+    def history_batch(self) -> HistoryBatch:
+        """Each sample's history [B, L] (a copy per sample when histories are shared)."""
+        hist = self.shared_history()
+        if self.groups is None:
+            return hist
+        return HistoryBatch(*(self.groups.expand(t) for t in hist.tensors()))
 
 
 class ItemHistoryArch(nn.Module):
@@ -311,14 +321,14 @@ class IATHistoryArch(nn.Module):
         self.branch, self.lookup = branch, lookup
 
     def forward(self, x: TowerInputs) -> torch.Tensor:
-        hist = x.history_batch()
+        hist = x.shared_history()
         tokens = self.lookup(hist.row_ids, x.dense)
         query = torch.cat([x.dense, x.sparse.flatten(1)], dim=1)
-        return self.branch(tokens, hist.label, hist.gap_bucket, hist.mask, query)
+        return self.branch(tokens, hist.label, hist.gap_bucket, hist.mask, query, x.groups)
 
 
 class TokenRows(nn.Module):
-    """SIF-Mixer history rows from IAT tokens: ``inputs -> [B, L, T, d0]``.
+    """SIF-Mixer history rows from IAT tokens: ``inputs -> [R, L, T, d0]`` (R histories).
 
     Args:
         projection: :class:`IATHistoryProjection`, tokens [B, L, d] -> [B, L, T, d0].
@@ -330,7 +340,7 @@ class TokenRows(nn.Module):
         self.projection, self.lookup = projection, lookup
 
     def forward(self, x: TowerInputs) -> torch.Tensor:
-        tokens = self.lookup(x.history_batch().row_ids, x.dense)
+        tokens = self.lookup(x.shared_history().row_ids, x.dense)
         return self.projection(tokens.to(x.dense.dtype))
 
 
@@ -347,7 +357,7 @@ class CodeRows(nn.Module):
         self.lookup = lookup
 
     def forward(self, x: TowerInputs) -> torch.Tensor:
-        codes = self.lookup(x.history_batch().row_ids, x.dense)
+        codes = self.lookup(x.shared_history().row_ids, x.dense)
         return codebook_sum(codes, x.codebooks).to(x.dense.dtype)
 
 
@@ -399,7 +409,7 @@ class SIFMixerHistoryArch(nn.Module):
     Args:
         mixer: :class:`SIFMixer` with ``target_dim = (1 + width) * D``.
         slot_index: [T, width] long, the feature positions of each slot (F: a zero column).
-        rows: parts ``inputs -> [B, L, T, d0]`` (:class:`TokenRows`, :class:`CodeRows`).
+        rows: parts ``inputs -> [R, L, T, d0]`` (:class:`TokenRows`, :class:`CodeRows`).
 
     Example::
 
@@ -427,10 +437,11 @@ class SIFMixerHistoryArch(nn.Module):
 
     def forward(self, x: TowerInputs, features: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-        hist = x.history_batch()
+        hist = x.shared_history()
         target = self.target_slots(x.dense, features)
         rows = functools.reduce(operator.add, [part(x) for part in self.rows])
-        out = self.mixer(target, rows, hist.mask, recency=hist.gap_bucket, side=hist.label)
+        out = self.mixer(target, rows, hist.mask, recency=hist.gap_bucket, side=hist.label,
+                         groups=x.groups)
         align = x.dense.new_zeros(x.dense.shape[0])
         if x.codebooks is not None:
             if x.target_codes is not None:
@@ -478,22 +489,30 @@ class DLRMSIFTower(nn.Module):
 
     def forward(self, dense_features: torch.Tensor, pooled: KeyedTensor,
                 history: Optional[HistoryBatch] = None,
-                target_codes: Optional[torch.Tensor] = None
+                target_codes: Optional[torch.Tensor] = None,
+                history_groups: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             dense_features: [B, num_dense] float.
             pooled: the EBC's pooled embeddings (any key order).
-            history: histories (sources other than none).
+            history: histories (sources other than none): one per sample, or R shared ones.
             target_codes: [B, T, M] the targets' HGAQ codes (L_align; needed in training when
                 the tower holds codebooks).
+            history_groups: [B] int64 nondecreasing, the history each sample reads (None:
+                sample b reads history b). A request's candidates share its history: its
+                lookups run once, and the history of an IAT branch or SIF-Mixer blind to the
+                target is encoded once.
 
         Returns:
             logits [B, num_labels] and the per-row alignment loss [B] (zeros without codebooks).
         """
         dense = self.dense_arch(dense_features)
+        groups = None
+        if history_groups is not None and history is not None:
+            groups = QueryGroups.of(history_groups.to(dense.device), history.row_ids.shape[0])
         x = TowerInputs(dense, keyed_columns(pooled, self.sparse_names, self.embedding_dim),
-                        pooled, history, target_codes, self.codebooks)
+                        pooled, history, target_codes, self.codebooks, groups)
         features = torch.cat([x.sparse, *(arch(x).unsqueeze(1) for arch in self.history_archs)],
                              dim=1)
         out, align = self.inter_arch(x, features)
@@ -657,19 +676,23 @@ class DLRM_SIF(nn.Module):
     def forward_with_alignment(self, dense_features: torch.Tensor,
                                sparse_features: KeyedJaggedTensor,
                                history: Optional[HistoryBatch] = None,
-                               target_codes: Optional[torch.Tensor] = None
+                               target_codes: Optional[torch.Tensor] = None,
+                               history_groups: Optional[torch.Tensor] = None
                                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, num_labels] and the per-row alignment loss [B]."""
+        """Logits [B, num_labels] and the per-row alignment loss [B]
+        (:meth:`DLRMSIFTower.forward`)."""
         pooled = self.sparse_arch.embedding_bag_collection(sparse_features)
-        out = self.tower(dense_features, pooled, history, target_codes)
+        out = self.tower(dense_features, pooled, history, target_codes, history_groups)
         return out[0], out[1]
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor,
                 history: Optional[HistoryBatch] = None,
-                target_codes: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits [B, num_labels] (TorchRec DLRM's contract, plus the history inputs)."""
+                target_codes: Optional[torch.Tensor] = None,
+                history_groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, num_labels] (TorchRec DLRM's contract, plus the history inputs; with
+        ``history_groups`` [B], sample b reads history ``history_groups[b]``)."""
         return self.forward_with_alignment(dense_features, sparse_features, history,
-                                           target_codes)[0]
+                                           target_codes, history_groups)[0]
 
 
 class DLRM_SIFTrain(nn.Module):

@@ -50,7 +50,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from iat_torchrec.models.attention import MultiHeadAttention
+from iat_torchrec.models.attention import MultiHeadAttention, QueryGroups, visible_keys
 from iat_torchrec.history.batch import LABEL_VOCAB_SIZE, HistoryLayout, steps_after
 from iat_torchrec.models.padding import embed, masked_ids, trim, zero_padding
 
@@ -122,6 +122,10 @@ class IATBranchConfig:
                 "attention over the steps with the query as target (no blocks)"})
     din_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32], metadata={
         "help": "encoder din: hidden sizes of the activation unit (PReLU)"})
+    history_sees_query: bool = dataclasses.field(default=True, metadata={
+        "help": "encoder transformer: the steps attend to the query too (so each candidate "
+                "re-encodes the history) | false: the steps attend among themselves and the "
+                "query reads them, so a request's candidates share one encoded history"})
 
     def __post_init__(self) -> None:
         if self.adapt_dim <= 0 or self.side_dim <= 0:
@@ -181,6 +185,16 @@ class TransformerBlock(nn.Module):
         a = self.attention(self.attention_norm(x), None if mask is None else mask.view(b, 1, 1, s),
                            num_queries=q)
         x = (x if q is None else x[:, :q]) + self.dropout(a)
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+    def attend(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: Optional[torch.Tensor],
+               groups: Optional[QueryGroups] = None) -> torch.Tensor:
+        """The block for queries x [N, Q, dim] that see themselves and ``memory`` [M, S, dim]
+        (this block's input there; mask [M, S] bool or None; row n reads memory row n or
+        ``groups.groups[n]``) -> [N, Q, dim] (:meth:`MultiHeadAttention.attend`)."""
+        a = self.attention.attend(self.attention_norm(x), self.attention_norm(memory),
+                                  memory_mask, groups)
+        x = x + self.dropout(a)
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -478,21 +492,41 @@ class IATBranch(nn.Module):
         return zero_padding(x, mask)
 
     def forward(self, tokens: torch.Tensor, label: torch.Tensor, gap_bucket: torch.Tensor,
-                mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L, d] (no gradient reaches them), label / gap_bucket [B, L] int,
-        mask [B, L] bool, query [B, query_dim] -> [B, output_dim]."""
+                mask: torch.Tensor, query: torch.Tensor,
+                groups: Optional[QueryGroups] = None) -> torch.Tensor:
+        """tokens [R, L, d] (no gradient reaches them), label / gap_bucket [R, L] int,
+        mask [R, L] bool, query [B, query_dim] -> [B, output_dim]. Sample b reads history b
+        (R = B), or history ``groups.groups[b]``: with ``history_sees_query=False`` each
+        history is then encoded once for all the samples that read it."""
         mask, (tokens, label, gap_bucket), all_real = trim(mask.bool(), tokens, label,
                                                            gap_bucket)
+        steps = self.steps(tokens, label, gap_bucket, mask)  # [R, L, W]
+        q = self.query(query)  # [B, W]
+        if self.activation_unit is None and not self.config.history_sees_query:
+            return self.output(self.norm(self._read_history(q, steps, mask, all_real, groups)))
+        if groups is not None:  # every sample its own copy of its history
+            steps, mask = groups.expand(steps), groups.expand(mask)
         if self.activation_unit is not None:
-            pooled = target_attention(self.activation_unit, self.query(query),
-                                      self.steps(tokens, label, gap_bucket, mask), mask,
-                                      softmax=False)
+            pooled = target_attention(self.activation_unit, q, steps, mask, softmax=False)
             return self.output(self.norm(pooled))
-        x = torch.cat([self.query(query).unsqueeze(1),
-                       self.steps(tokens, label, gap_bucket, mask)], dim=1)
+        x = torch.cat([q.unsqueeze(1), steps], dim=1)
         full = None if all_real else torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
         x = _encode(self.blocks, x, full, first_only=True)
         return self.output(self.norm(x[:, 0]))
+
+    def _read_history(self, q: torch.Tensor, steps: torch.Tensor, mask: torch.Tensor,
+                      all_real: bool, groups: Optional[QueryGroups]) -> torch.Tensor:
+        """``history_sees_query=False``: the steps [R, L, W] run the blocks among themselves,
+        the queries q [B, W] read each block's input steps -> [B, W]."""
+        memory_mask = None if all_real else mask
+        self_mask = None if all_real else visible_keys(mask)
+        x = q.unsqueeze(1)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block.attend(x, steps, memory_mask, groups)
+            if i < last:
+                steps = block(steps, self_mask)
+        return x[:, 0]
 
 
 __all__: Sequence[str] = (

@@ -57,13 +57,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iat_torchrec.models.attention import MultiHeadAttention
+from iat_torchrec.models.attention import MultiHeadAttention, QueryGroups, visible_keys
 from iat_torchrec.models.history import TransformerBlock
 from iat_torchrec.models.padding import embed, trim
 
@@ -97,6 +97,11 @@ class SIFMixerConfig:
         "help": "mixer: row / column attention | flat: one attention over all (L+1) T tokens | "
                 "pooled: each row's T sub-tokens mean-pooled first, attention over rows (the "
                 "paper's ablations)"})
+    history_sees_target: bool = dataclasses.field(default=True, metadata={
+        "help": "structure mixer: the history rows' column attention sees the target row too "
+                "(so each candidate re-mixes the history) | false: history rows attend among "
+                "themselves and the target row reads them, so a request's candidates share "
+                "one mixed history"})
 
     def __post_init__(self) -> None:
         for name in ("d0", "num_blocks", "num_heads", "ffn_mult", "recency_buckets"):
@@ -113,6 +118,8 @@ class SIFMixerConfig:
         if self.structure not in STRUCTURES:
             raise ValueError(f"SIFMixerConfig.structure must be one of {STRUCTURES}, "
                              f"got {self.structure!r}")
+        if self.structure != "mixer" and not self.history_sees_target:
+            raise ValueError("SIFMixerConfig: history_sees_target=False needs structure 'mixer'")
         if self.structure == "pooled" and self.pooling != "mean":
             raise ValueError("SIFMixerConfig: structure 'pooled' has one target token: "
                              "pooling must be 'mean'")
@@ -157,6 +164,34 @@ class SIFMixerBlock(nn.Module):
         a = self.sample_attention(y, mask, num_queries=1 if target_only else None)
         x = (x[:, :1] if target_only else x) + self.dropout(a.view(b, t, -1, d).transpose(1, 2))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+    def read_rows(self, target: torch.Tensor, rows: torch.Tensor,
+                  row_mask: Optional[torch.Tensor], groups: Optional[QueryGroups] = None,
+                  last: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The block with the history rows blind to the target row: target [B, 1, T, d],
+        rows [R, L, T, d], row_mask [R, L] bool or None (all real); target b reads rows b or
+        ``groups.groups[b]``. The target's column attention sees itself and the rows as they
+        enter the sample attention; the rows' sees the rows only. -> (target [B, 1, T, d],
+        rows [R, L, T, d], or None when ``last``: nothing reads them after)."""
+        b, _, t, d = target.shape
+        r, length = rows.shape[:2]
+        target = target + self.dropout(
+            self.token_attention(self.token_norm(target).view(b, t, d))).view(b, 1, t, d)
+        rows = rows + self.dropout(self.token_attention(
+            self.token_norm(rows).view(r * length, t, d))).view(r, length, t, d)
+        columns = self.sample_norm(rows).transpose(1, 2).reshape(r * t, length, d)
+        column_mask = None if row_mask is None else row_mask.repeat_interleave(t, 0)
+        a = self.sample_attention.attend(self.sample_norm(target).view(b * t, 1, d), columns,
+                                         column_mask, None if groups is None else groups.repeat(t))
+        target = target + self.dropout(a.view(b, 1, t, d))
+        target = target + self.dropout(self.ffn(self.ffn_norm(target)))
+        if last:
+            return target, None
+        self_mask = (None if column_mask is None else
+                     visible_keys(column_mask).view(r * t, 1, 1, length))
+        a = self.sample_attention(columns, self_mask)
+        rows = rows + self.dropout(a.view(r, t, length, d).transpose(1, 2))
+        return target, rows + self.dropout(self.ffn(self.ffn_norm(rows)))
 
 
 class SIFMixer(nn.Module):
@@ -245,42 +280,61 @@ class SIFMixer(nn.Module):
     def forward(self, target_features: torch.Tensor, history: Optional[torch.Tensor] = None,
                 history_mask: Optional[torch.Tensor] = None,
                 recency: Optional[torch.Tensor] = None,
-                side: Optional[torch.Tensor] = None) -> torch.Tensor:
+                side: Optional[torch.Tensor] = None,
+                groups: Optional[QueryGroups] = None) -> torch.Tensor:
         """
         Args:
             target_features: [B, T, target_dim], the target's per-slot features.
-            history: [B, L, T, d0] history rows (L may be 0), or None for no history.
-            history_mask: [B, L] bool, True = real step (default: all real).
-            recency: [B, L] int ids in [0, recency_buckets), e.g. bucketed time gaps.
-            side: [B, L] int ids in [0, side_values), e.g. the matured label.
+            history: [R, L, T, d0] history rows (L may be 0), or None for no history.
+            history_mask: [R, L] bool, True = real step (default: all real).
+            recency: [R, L] int ids in [0, recency_buckets), e.g. bucketed time gaps.
+            side: [R, L] int ids in [0, side_values), e.g. the matured label.
+            groups: target b reads history ``groups.groups[b]`` (None: history b, R = B);
+                with ``history_sees_target=False`` each history is mixed once for all the
+                targets that read it.
 
         Returns:
             [B, output_dim]: the mean (or the flattening) of the target row.
         """
-        b = target_features.shape[0]
         x = (self.align(target_features) + self.target_embedding).unsqueeze(1)  # [B, 1, T, d0]
         mask = None
         if history is not None and history.shape[1] > 0:
-            length = history.shape[1]
-            if history.shape != (b, length, self.num_tokens, self.config.d0):
-                raise ValueError(f"history must be [B, L, {self.num_tokens}, {self.config.d0}],"
-                                 f" got {tuple(history.shape)}")
+            r, length = history.shape[:2]
+            if history.shape[2:] != (self.num_tokens, self.config.d0) or r != (
+                    x.shape[0] if groups is None else groups.count):
+                raise ValueError(f"history must be [R, L, {self.num_tokens}, {self.config.d0}] "
+                                 f"with R = the histories the targets read, "
+                                 f"got {tuple(history.shape)}")
             if history_mask is None:
-                history_mask = torch.ones(b, length, dtype=torch.bool, device=history.device)
+                history_mask = torch.ones(r, length, dtype=torch.bool, device=history.device)
             # Steps that are padding in every sample are cut off (the default recency counts
             # steps from the end, so then the span keeps the end).
             history_mask, (history, recency, side), all_real = trim(
                 history_mask.bool(), history, recency, side, keep_end=recency is None)
-            rows = self.history_rows(history, history_mask, recency, side)
-            x = torch.cat([x, rows.to(x.dtype)], dim=1)  # [B, R, T, d0]
+            rows = self.history_rows(history, history_mask, recency, side).to(x.dtype)
+            if not self.config.history_sees_target:
+                return self._read_rows(x, rows, None if all_real else history_mask, groups)
+            if groups is not None:  # every target its own copy of its history
+                rows, history_mask = groups.expand(rows), groups.expand(history_mask)
+            x = torch.cat([x, rows], dim=1)  # [B, 1 + L, T, d0]
             if not all_real:
-                mask = torch.cat([history_mask.new_ones(b, 1), history_mask], 1)
+                mask = torch.cat([history_mask.new_ones(x.shape[0], 1), history_mask], 1)
         if self.config.structure != "mixer":
             return self._sequence_forward(x, mask)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, mask, target_only=i == last)
         target = self.norm(x[:, 0])  # [B, T, d0]
+        return target.mean(1) if self.config.pooling == "mean" else target.flatten(1)
+
+    def _read_rows(self, x: torch.Tensor, rows: torch.Tensor, row_mask: Optional[torch.Tensor],
+                   groups: Optional[QueryGroups]) -> torch.Tensor:
+        """``history_sees_target=False``: target rows x [B, 1, T, d0] read history rows
+        [R, L, T, d0] (:meth:`SIFMixerBlock.read_rows`) -> [B, output_dim]."""
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x, rows = block.read_rows(x, rows, row_mask, groups, last=i == last)
+        target = self.norm(x[:, 0])
         return target.mean(1) if self.config.pooling == "mean" else target.flatten(1)
 
     def _sequence_forward(self, x: torch.Tensor, row_mask: Optional[torch.Tensor]

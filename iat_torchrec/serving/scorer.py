@@ -9,16 +9,19 @@ candidates in all, :meth:`Scorer.score`:
    unknown users get an empty history), materialised with matured labels only
    (:class:`~iat_torchrec.history.HistoryMaterializer`, the offline readers' code), plus the
    item ids of its last k steps for item-id branches;
-3. gives each candidate its request's history (an index, not a recomputation) and runs the
-   quantised model once over all B candidates. The store lookups see each request's history
-   rows once (:class:`SharedHistoryLookup`): R x L token or code rows are read, not B x L.
+3. runs the quantised model once over all B candidates with the R histories and each
+   candidate's request (``history_groups``): the store lookups read R x L token or code rows,
+   not B x L.
 
 What is shared and what is not: history rows, their side information and the token / code
-lookups are per request. Every history branch of ``DLRM_SIF`` then mixes the history with the
-candidate's own features from its first layer on (the IAT branch's query is a projection of the
-candidate's features; DIN / BST attend with the candidate's item; the SIF-Mixer's column
-attention mixes the target row into every history row), so the layers after the lookup run per
-candidate. Scores equal scoring each candidate alone (tested).
+lookups are per request. An IAT branch or SIF-Mixer trained blind to the target
+(``--model.iat.history_sees_query false``, ``--model.mixer.history_sees_target false``)
+encodes each request's history once and runs only the candidate's own query or target row per
+candidate. The paper's forms let the history attend to the candidate (the IAT query sits in
+the Transformer's sequence; the SIF-Mixer's column attention mixes the target row into every
+history row), and DIN / BST attend with the candidate's item, so there the layers after the
+lookup run per candidate on a copy of its request's history. Scores equal scoring each
+candidate alone either way (tested).
 """
 
 from __future__ import annotations
@@ -51,42 +54,31 @@ class ScoreRequest:
 @dataclasses.dataclass
 class ScoringInputs:
     """What :meth:`Scorer.forward` runs on: the candidates' ``dense`` [B, num_dense] and
-    ``sparse`` features, their ``history`` (each candidate's request's), and per request
-    ``sizes`` [R] (candidates), ``first`` [R] (its first candidate's row), ``groups`` [B]."""
+    ``sparse`` features, the requests' ``history`` [R, L], each candidate's request
+    ``groups`` [B] and the candidates per request ``sizes`` [R]."""
 
     dense: torch.Tensor
     sparse: Any
     history: Optional[HistoryBatch]
-    first: torch.Tensor
     groups: torch.Tensor
     sizes: torch.Tensor
 
 
-class SharedHistoryLookup(nn.Module):
-    """A store lookup (row ids [N, L] -> [N, L, ...]) that reads each request's rows once.
-
-    Before a forward, :meth:`Scorer.score` sets ``first`` [R] (a candidate row of each
-    request) and ``groups`` [N] (each candidate's request); a call with N rows then looks up
-    the R rows ``row_ids[first]`` and hands each candidate its request's result. Any other call
-    (no groups set, another row count) is passed through unchanged.
-    """
+class StoreLookup(nn.Module):
+    """The lookup the model holds (row ids [N, L] -> [N, L, ...]), whose store's lookup
+    ``inner`` is replaced when the store grows (:meth:`Scorer.refresh`)."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
         self.device = getattr(inner, "device", torch.device("cpu"))
-        self.first: Optional[torch.Tensor] = None
-        self.groups: Optional[torch.Tensor] = None
 
     @property
     def dim(self) -> int:
         return int(getattr(self.inner, "dim"))
 
     def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
-        if self.groups is None or row_ids.shape[0] != self.groups.numel():
-            return self.inner(row_ids)
-        once = self.inner(row_ids.index_select(0, self.first))
-        return once.index_select(0, self.groups)
+        return self.inner(row_ids)
 
 
 class Scorer:
@@ -114,9 +106,9 @@ class Scorer:
         self.item_len = int(bundle.manifest["item_history_len"])
         self.token_lookup = self.code_lookup = None
         if self.variant.uses_tokens:
-            self.token_lookup = SharedHistoryLookup(nn.Identity())
+            self.token_lookup = StoreLookup(nn.Identity())
         if self.variant.uses_codes:
-            self.code_lookup = SharedHistoryLookup(nn.Identity())
+            self.code_lookup = StoreLookup(nn.Identity())
         self.stores: Dict[str, Optional[TokenStore]] = {}
         self.history_store: Optional[TokenStore] = None
         self.row_items: Optional[np.ndarray] = None
@@ -178,38 +170,27 @@ class Scorer:
         cands = [c for r in requests for c in r.candidates]
         dense, sparse, _ = candidate_features(self.spec, cands)
         groups = torch.repeat_interleave(torch.arange(len(requests)), sizes)
-        first = torch.cumsum(sizes, 0) - sizes
         history = None
         if self.history_store is not None:
             users = np.array([r.user_id for r in requests], dtype=np.int64)
             t = np.array([r.ts for r in requests], dtype=np.int64)
             begin, length, _ = self.history_store.time_index.query(
                 users, t, self.layout.max_len, allow_unknown_users=True)
-            h = self.materializer(torch.from_numpy(begin), torch.from_numpy(length),
-                                  torch.from_numpy(t))
-            history = HistoryBatch(row_ids=h.row_ids[groups], mask=h.mask[groups],
-                                   label=h.label[groups], gap_bucket=h.gap_bucket[groups],
-                                   length=h.length[groups])
+            history = self.materializer(torch.from_numpy(begin), torch.from_numpy(length),
+                                        torch.from_numpy(t))
             if self.item_len:
                 pos, valid = last_range_steps(begin, length, self.layout.max_len, self.item_len)
                 items = (np.where(valid, self.row_items[self.index_rows[pos]], -1)
                          if self.index_rows.size else np.full(pos.shape, -1))
                 sparse = add_history_items(sparse, torch.from_numpy(
                     np.ascontiguousarray(items, dtype=np.int64))[groups])
-        return ScoringInputs(dense, sparse, history, first, groups, sizes)
+        return ScoringInputs(dense, sparse, history, groups, sizes)
 
     @torch.no_grad()
     def forward(self, x: "ScoringInputs") -> torch.Tensor:
-        """The model's logits [B, num_labels] over prepared inputs, each request's history rows
-        looked up once."""
-        lookups = [lk for lk in (self.token_lookup, self.code_lookup) if lk is not None]
-        for lookup in lookups:
-            lookup.first, lookup.groups = x.first, x.groups
-        try:
-            return self.model(x.dense, x.sparse, x.history)
-        finally:
-            for lookup in lookups:
-                lookup.first = lookup.groups = None
+        """The model's logits [B, num_labels] over prepared inputs, each request's history
+        looked up (and, where the model allows, encoded) once."""
+        return self.model(x.dense, x.sparse, x.history, history_groups=x.groups)
 
     def logits(self, requests: Sequence[ScoreRequest]) -> List[np.ndarray]:
         """Logits [C_r, num_labels] float32 of each request's candidates."""
