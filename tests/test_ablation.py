@@ -7,7 +7,7 @@ import pytest
 
 from iat_torchrec.config import parse_config
 from iat_torchrec.pipeline import ablation
-from iat_torchrec.pipeline.ablation import (CLAIMS, AblationConfig, Arm, Claim, arm_dir,
+from iat_torchrec.pipeline.ablation import (BLIND, CLAIMS, AblationConfig, Arm, Claim, arm_dir,
                                             claim_length, compare, plan_arms, plot_lengths,
                                             run_ablation)
 from iat_torchrec.pipeline.plan import VARIANTS, PipelineConfig, pipeline_flag_exclusions
@@ -86,6 +86,11 @@ def test_switch_claims_measure_one_flag_against_the_base_arm(name):
     assert plan_arms([claim]) == {flags: [variant], (): []}
 
 
+def test_the_blind_claims_share_one_arm():
+    claims = [c for c in CLAIMS if c.name in ("iat_blind", "sif_blind")]
+    assert plan_arms(claims) == {BLIND: ["IAT user-order", "SIF"], (): []}
+
+
 def test_l256_runs_sif_and_bst_once_with_the_whole_history_for_bst():
     claim = next(c for c in CLAIMS if c.name == "sif_l256")
     flags = ("--assemble.max_len", "256", "--downstream.model.item_history_len", "256")
@@ -103,6 +108,10 @@ def test_every_claims_flags_are_pipeline_settings():
         "--downstream.model.mixer.structure": lambda c: c.downstream.model.mixer.structure,
         "--assemble.max_len": lambda c: c.assemble.max_len,
         "--downstream.model.item_history_len": lambda c: c.downstream.model.item_history_len,
+        "--downstream.model.iat.history_sees_query":
+            lambda c: c.downstream.model.iat.history_sees_query,
+        "--downstream.model.mixer.history_sees_target":
+            lambda c: c.downstream.model.mixer.history_sees_target,
     }
     base = parse_config(PipelineConfig, ["--config", "experiments/main.json"],
                         exclude=pipeline_flag_exclusions())

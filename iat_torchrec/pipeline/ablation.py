@@ -71,6 +71,11 @@ def _iat(*flags: str) -> Arm:
     return Arm("IAT user-order", tuple(flags))
 
 
+# Histories blind to the candidate (encoded once per request when served): one arm for both.
+BLIND = ("--downstream.model.iat.history_sees_query", "false",
+         "--downstream.model.mixer.history_sees_target", "false")
+
+
 LENGTH_GAINS = "gains grow with L where baselines saturate"
 
 
@@ -112,6 +117,10 @@ CLAIMS: Tuple[Claim, ...] = (
     Claim("sif_pooled", "SIF: sub-tokens mean-pooled per sample first, attention over samples",
           "-0.81% GAUC", Arm("SIF", ("--downstream.model.mixer.structure", "pooled")),
           Arm("SIF")),
+    Claim("iat_blind", "IAT user-order: history steps blind to the query (served: encoded once "
+          "per request; this project)", "-", _iat(*BLIND), _iat()),
+    Claim("sif_blind", "SIF: history rows blind to the target row (served: mixed once per "
+          "request; this project)", "-", Arm("SIF", BLIND), Arm("SIF")),
 )
 CLAIM_NAMES = tuple(c.name for c in CLAIMS)
 
