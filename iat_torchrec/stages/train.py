@@ -31,6 +31,11 @@ Decisions:
 - ``gap_vocab_size`` comes from the train shards' layout and ``fields_per_subtoken`` from the SIF
   store's tokenizer config (not flags: they must match what was built); the valid / test shards
   must have the same layout as the train shards.
+- The frozen stores (IAT tokens, SIF codes) are looked up as ``lookup`` says
+  (:class:`~iat_torchrec.tokens.lookup.LookupConfig`, default ``auto``): with more than one
+  process each holds one contiguous row range of each store, rows kept as stored (an int8
+  store stays int8; FBGEMM dequantises only the rows looked up); the rows and bytes each rank
+  holds go into the results (``lookups``).
 - Every input is checked before the process group, the model or a reader is built: logs of one
   spec with every label present and non-null, store kinds (``iat`` / ``sif``), the IAT token
   width against ``token_dim`` (when given), the SIF codebooks' d0 against ``d0``, and every
@@ -49,7 +54,7 @@ import torch
 from iat_torchrec.config import nested
 from iat_torchrec.data.reader import ReaderConfig, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec, SpecError
-from iat_torchrec.distributed.collectives import (DistEnv, broadcast_object,
+from iat_torchrec.distributed.collectives import (DistEnv, broadcast_object, gather_arrays,
                                                   init_process_group)
 from iat_torchrec.models.dlrm_sif import (DEFAULT_FIELDS_PER_SUBTOKEN, DLRM_SIF, DLRM_SIFTrain,
                                           DLRMSIFConfig)
@@ -59,7 +64,7 @@ from iat_torchrec.stages.common import (NOT_IN_FINGERPRINT as COMMON_NOT_IN_FING
                                         stage_log, write_results)
 from iat_torchrec.stages.tokenize import store_codebooks
 from iat_torchrec.tokens.downstream import DownstreamDataError, DownstreamReader, check_labels
-from iat_torchrec.tokens.lookup import InstanceTokenLookup, SampleCodeLookup
+from iat_torchrec.tokens.lookup import LookupConfig, make_code_lookup, make_token_lookup
 from iat_torchrec.tokens.shards import HistoryShards, HistoryShardsError
 from iat_torchrec.tokens.store import TokenStore
 from iat_torchrec.train.loop import Trainer, evaluate, plateau_schedule
@@ -101,6 +106,8 @@ class TrainDownstreamConfig(TrainingStageConfig):
         "help": "every learning rate x this after each epoch without a better valid AUC "
                 "(1: constant)"})
     model: DLRMSIFConfig = nested(DLRMSIFConfig, "the downstream model")
+    lookup: LookupConfig = nested(LookupConfig, "how each process holds the frozen token and "
+                                                "code stores")
 
     def __post_init__(self) -> None:
         if self.patience < 0 or not 0.0 < self.plateau_lr_factor <= 1.0:
@@ -109,7 +116,7 @@ class TrainDownstreamConfig(TrainingStageConfig):
 
 # Settings that do not shape training: a resume may change them.
 NOT_IN_FINGERPRINT = (*COMMON_NOT_IN_FINGERPRINT, "valid_log", "test_log", "valid_history",
-                      "test_history")
+                      "test_history", "lookup.sharding", "lookup.location")
 
 
 @dataclasses.dataclass
@@ -210,6 +217,20 @@ def _metrics_line(metrics: Dict[str, Dict[str, float]]) -> str:
                      f"logloss {m['logloss']:.4f}" for label, m in metrics.items())
 
 
+def held_rows(lookup: Any, store: TokenStore, env: DistEnv) -> Optional[Dict[str, Any]]:
+    """On rank 0, what each rank's frozen ``lookup`` of ``store`` holds: ``{"lookup": its class,
+    "table_rows", "table_bytes" (the whole table as stored), "rows_per_rank",
+    "bytes_per_rank"}``; None on other ranks."""
+    parts = gather_arrays({"rows": int(lookup.local_rows), "bytes": int(lookup.local_bytes)},
+                          env)
+    if parts is None:
+        return None
+    return {"lookup": type(lookup).__name__, "table_rows": lookup.num_rows,
+            "table_bytes": lookup.num_rows * store.row_bytes,
+            "rows_per_rank": [p["rows"] for p in parts],
+            "bytes_per_rank": [p["bytes"] for p in parts]}
+
+
 def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
     """Check the inputs, train, validate (and test) each epoch; returns the results on rank 0:
     ``valid`` / ``test`` (label -> auc, gauc, logloss, count) of the best valid epoch,
@@ -220,12 +241,15 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
     env: DistEnv = init_process_group(cfg.sharding.device)
     started = time.perf_counter()
 
-    token_lookup = (InstanceTokenLookup(inputs.iat_store, env.device)
-                    if v.uses_tokens else None)
-    code_lookup = None
+    lookups: Dict[str, Any] = {}
+    token_lookup = code_lookup = None
+    if v.uses_tokens:
+        token_lookup = make_token_lookup(inputs.iat_store, cfg.lookup, env.device)
+        lookups["tokens"] = held_rows(token_lookup, inputs.iat_store, env)
     if v.uses_codes:
-        code_lookup = SampleCodeLookup.from_store(inputs.sif_store, env.device,
-                                                  rows_like=inputs.iat_store)
+        code_lookup = make_code_lookup(inputs.sif_store, cfg.lookup, env.device,
+                                       rows_like=inputs.iat_store)
+        lookups["codes"] = held_rows(code_lookup, inputs.sif_store, env)
     code_store = inputs.sif_store if inputs.codebooks is not None else None
     k = mcfg.item_history_len if mcfg.item_branch != "none" else 0
 
@@ -255,6 +279,10 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
     stage_log(env, STAGE, f"history source {mcfg.history_source.value}, interaction "
                           f"{mcfg.interaction}, {train_reader.num_rows:,} train rows, "
                           f"{env.world_size} process(es)")
+    if env.is_main:
+        for what, held in lookups.items():
+            stage_log(env, STAGE, f"{what}: {held['lookup']}, rows held per process "
+                                  f"{held['rows_per_rank']} of {held['table_rows']:,}")
 
     def make_reader(epoch: int) -> DownstreamReader:
         train_reader.set_epoch(epoch)
@@ -294,7 +322,7 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
         cfg.results, cfg, env, steps=steps, best_epoch=best["epoch"] if best else None,
         valid=best["valid"] if best else None, test=best["test"] if best else None,
         epochs=epochs, train_rows=train_reader.num_rows, train_seconds=train_seconds,
-        total_seconds=time.perf_counter() - started,
+        total_seconds=time.perf_counter() - started, lookups=lookups,
         stores={"iat": str(Path(cfg.iat_store).resolve()) if cfg.iat_store else None,
                 "sif": str(Path(cfg.sif_store).resolve()) if cfg.sif_store else None})
     return results if env.is_main else None
