@@ -4,7 +4,11 @@
         [--candidates 1 10 100] [--clients 1 8 32] [--out results/serving.json]
 
 For each variant (DLRM, IAT user-order, SIF by default) it exports a bundle from the pipeline
-run (the main job's by default: its seed-0 models and stores), and for each served history
+run (the main job's by default: its seed-0 models and stores), and likewise for the variants
+trained with the history blind to the candidate (``--blind_variants`` from ``--blind_run_dir``,
+by default the ablation's arm of the claims ``iat_blind`` / ``sif_blind``: ``python
+apps/ablate.py --claims iat_blind sif_blind``), whose history is encoded once per request
+rather than once per candidate. For each served history
 length L starts the server (``apps/serve.py --max_len L``) as its own process. For each number
 of candidates C and of concurrent clients K, K client threads (one keep-alive HTTP connection
 each) replay requests of test-split users at test timestamps, each with C candidates, for at
@@ -42,6 +46,7 @@ import torch
 from iat_torchrec.atomic import atomic_output
 from iat_torchrec.benchmark import best_time, markdown_table
 from iat_torchrec.config import parse_config
+from iat_torchrec.pipeline.ablation import BLIND, AblationConfig, arm_dir
 from iat_torchrec.serving.bundle import Bundle, ExportConfig, export_bundle
 from iat_torchrec.serving.scorer import Scorer, ScoreRequest, log_requests
 
@@ -60,6 +65,14 @@ class BenchServingConfig:
     variants: List[str] = dataclasses.field(
         default_factory=lambda: ["DLRM", "IAT user-order", "SIF"],
         metadata={"help": "variants to serve (pipeline variant names)"})
+    blind_run_dir: str = dataclasses.field(
+        default_factory=lambda: str(arm_dir(AblationConfig(), BLIND)), metadata={
+            "help": "a pipeline run trained with the history blind to the candidate "
+                    "(--downstream.model.iat.history_sees_query false "
+                    "--downstream.model.mixer.history_sees_target false)"})
+    blind_variants: List[str] = dataclasses.field(
+        default_factory=lambda: ["IAT user-order", "SIF"],
+        metadata={"help": "variants of --blind_run_dir to serve (none: [])"})
     lengths: List[int] = dataclasses.field(default_factory=lambda: [64, 256], metadata={
         "help": "served history lengths L"})
     candidates: List[int] = dataclasses.field(default_factory=lambda: [1, 10, 100], metadata={
@@ -82,13 +95,9 @@ class BenchServingConfig:
         "help": "JSON file for the table (date, machine, settings, every cell)"})
 
 
-def _seed_dir(cfg: BenchServingConfig) -> Path:
-    return Path(cfg.run_dir) / "work" / cfg.dataset / "seed0"
-
-
-def export_variant(cfg: BenchServingConfig, variant: str, out: Path) -> Path:
-    """A bundle of the run's seed-0 ``variant`` with the frozen models its stores need."""
-    seed = _seed_dir(cfg)
+def export_variant(cfg: BenchServingConfig, run_dir: str, variant: str, out: Path) -> Path:
+    """A bundle of ``run_dir``'s seed-0 ``variant`` with the frozen models its stores need."""
+    seed = Path(run_dir) / "work" / cfg.dataset / "seed0"
     stem = variant.replace(" ", "_")
     results = seed / f"results_{stem}.json"
     if not results.is_file():
@@ -100,7 +109,8 @@ def export_variant(cfg: BenchServingConfig, variant: str, out: Path) -> Path:
         ck["source_checkpoint"] = str(seed / "checkpoints" / Path(saved["iat_store"]).name)
     if saved.get("sif_store"):
         ck["tokenizer_checkpoint"] = str(seed / "checkpoints" / Path(saved["sif_store"]).name)
-    return export_bundle(ExportConfig(train_results=str(results), output=str(out / stem),
+    name = stem if run_dir == cfg.run_dir else f"{stem}_blind"
+    return export_bundle(ExportConfig(train_results=str(results), output=str(out / name),
                                       table_dtype=cfg.table_dtype, overwrite=True, **ck))
 
 
@@ -216,8 +226,10 @@ def run(cfg: BenchServingConfig) -> Dict[str, Any]:
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="bench_serving"))
     rows: List[Dict[str, Any]] = []
     most = max(cfg.candidates)
-    for variant in cfg.variants:
-        bundle_path = export_variant(cfg, variant, work)
+    served = [(cfg.run_dir, v, v) for v in cfg.variants] + [
+        (cfg.blind_run_dir, v, f"{v} (blind)") for v in cfg.blind_variants]
+    for run_dir, name, variant in served:
+        bundle_path = export_variant(cfg, run_dir, name, work)
         bundle = Bundle.load(bundle_path)
         test_log = json.loads(Path(bundle.manifest["exported_from"]["train_results"])
                               .read_text())["config"]["test_log"]
@@ -236,14 +248,14 @@ def run(cfg: BenchServingConfig) -> Dict[str, Any]:
                                     offline_forward_ms=forward * 1e3,
                                     overhead=cell["p50_ms"] / (forward * 1e3))
                         rows.append(cell)
-                        print(f"{variant:>15} L={L:<4} C={C:<4} K={K:<3} "
+                        print(f"{variant:>24} L={L:<4} C={C:<4} K={K:<3} "
                               f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  "
                               f"{cell['requests_per_s']:7.1f} req/s  forward "
                               f"{forward * 1e3:6.2f} ms  x{cell['overhead']:.2f}", flush=True)
             finally:
                 server.close()
     table = markdown_table(
-        [("variant", "<16"), ("L", ">4d"), ("candidates", ">10d"), ("clients", ">7d"),
+        [("variant", "<24"), ("L", ">4d"), ("candidates", ">10d"), ("clients", ">7d"),
          ("p50 ms", ">7.2f"), ("p95 ms", ">7.2f"), ("p99 ms", ">7.2f"), ("req/s", ">7.1f"),
          ("forward ms", ">10.2f"), ("p50 / forward", ">13.2f")],
         [[r["variant"], r["L"], r["candidates"], r["clients"], r["p50_ms"], r["p95_ms"],
