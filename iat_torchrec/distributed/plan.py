@@ -54,7 +54,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from iat_torchrec.atomic import atomic_output
 from iat_torchrec.config import nested, to_dict
 from iat_torchrec.data.spec import FeatureSpec
-from iat_torchrec.distributed.sharding import SPARSE_OPTIMIZERS
+from iat_torchrec.distributed.sharding import CPU_SHARDING_TYPES, SPARSE_OPTIMIZERS
 from iat_torchrec.models.dlrm_sif import DLRMSIFConfig, embedding_tables
 from iat_torchrec.tokens.lookup import TABLE as TOKEN_TABLE
 from iat_torchrec.tokens.store import INT8_SCALE_BIAS_BYTES
@@ -373,17 +373,21 @@ def table_constraints(tables: Sequence[TableSpec], config: PlanConfig
     cache = CacheParams(load_factor=settings.uvm_cache_load_factor)
     out = {}
     for table in tables:
-        types = list(settings.sharding_types)
+        types = [t for t in settings.sharding_types
+                 if device == "cuda" or t in CPU_SHARDING_TYPES]
         if table.module == TOKENS_MODULE:
             types = [t for t in types if t in TOKEN_SHARDING_TYPES]
         if table.rows < settings.row_wise_min_rows and "table_wise" in types:
             types = ["table_wise"]
         if not types:
             raise PlanError(f"{table.name}: none of planner.sharding_types "
-                            f"{settings.sharding_types} serves the token store (it is "
+                            f"{settings.sharding_types} serves it on {device} (cpu: "
+                            f"{list(CPU_SHARDING_TYPES)}; the token store: "
                             f"{list(TOKEN_SHARDING_TYPES)})")
+        # A data-parallel table is a replica on every device, with TorchRec's dense kernel.
+        dense = ["dense"] if "data_parallel" in types else []
         out[table.name] = ParameterConstraints(
-            sharding_types=types, compute_kernels=kernels,
+            sharding_types=types, compute_kernels=kernels + dense,
             pooling_factors=[table.pooling_factor], cache_params=cache)
     return out
 
