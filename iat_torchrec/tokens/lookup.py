@@ -189,10 +189,13 @@ class _RowSharded(nn.Module):
         self._starts = torch.tensor(bounds[:-1], dtype=torch.int64, device=self.device)
         self._ends = torch.tensor(bounds[1:], dtype=torch.int64, device=self.device)
 
-    def _exchange(self, ids: torch.Tensor, local: Callable[[torch.Tensor], torch.Tensor]
+    def _exchange(self, row_ids: torch.Tensor, local: Callable[[torch.Tensor], torch.Tensor]
                   ) -> torch.Tensor:
-        """Rows [n, ...] of global row ids [n] (int64, none padding), in their order: each id
-        goes to the rank holding it, which answers with ``local(its table rows)``."""
+        """Rows [..., L, *row] of global ``row_ids`` [..., L] (-1: padding -> zeros): each id goes
+        to the rank holding it, which answers with ``local(its table rows)`` [n, *row]."""
+        flat = _flat_ids(row_ids, self.num_rows, self.device)
+        pos = torch.nonzero(flat >= 0).squeeze(1)
+        ids = flat[pos]
         owner = torch.searchsorted(self._ends, ids, right=True)
         order = torch.argsort(owner, stable=True)
         owner = owner[order]
@@ -206,9 +209,8 @@ class _RowSharded(nn.Module):
         found = local(asked).contiguous()
         back = found.new_empty((ids.numel(), *found.shape[1:]))
         dist.all_to_all_single(back, found, sent, received, group=self.group)
-        out = torch.empty_like(back)
-        out[order] = back
-        return out
+        out = back.new_zeros((flat.numel(), *found.shape[1:])).index_copy_(0, pos[order], back)
+        return out.view(*row_ids.shape, *found.shape[1:])
 
 
 class ShardedInstanceTokenLookup(_RowSharded):
@@ -240,12 +242,7 @@ class ShardedInstanceTokenLookup(_RowSharded):
 
     @torch.no_grad()
     def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
-        flat = _flat_ids(row_ids, self.num_rows, self.device)
-        valid = flat >= 0
-        tokens = self._exchange(flat[valid], self.table)
-        out = tokens.new_zeros((flat.numel(), self.dim))
-        out[valid] = tokens
-        return out.view(*row_ids.shape, self.dim)
+        return self._exchange(row_ids, self.table)
 
 
 def _code_rows(store: TokenStore, rows_like: Optional[TokenStore], lo: int, hi: int
@@ -316,12 +313,7 @@ class ShardedSampleCodeLookup(_RowSharded):
 
     @torch.no_grad()
     def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
-        flat = _flat_ids(row_ids, self.num_rows, self.device)
-        valid = flat >= 0
-        codes = self._exchange(flat[valid], lambda ids: self.table.codes.index_select(0, ids))
-        out = codes.new_zeros((flat.numel(), *codes.shape[1:]))
-        out[valid] = codes
-        return out.long().view(*row_ids.shape, *codes.shape[1:])
+        return self._exchange(row_ids, lambda ids: self.table.codes.index_select(0, ids)).long()
 
 
 @dataclasses.dataclass
