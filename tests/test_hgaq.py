@@ -21,9 +21,10 @@ from iat_torchrec.data.batch import InstanceBatch
 from iat_torchrec.data.log import write_log
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig
 from iat_torchrec.data.spec import DenseField, FeatureGroup, FeatureSpec, SparseField
-from iat_torchrec.models.hgaq import (HGAQConfig, ResidualVectorQuantizer, SampleTokenizer,
-                                      SampleTokenizerTrain, code_dtype, keyed_columns,
-                                      subtoken_layout, tokenizer_embedding_bag_collection)
+from iat_torchrec.models.hgaq import (HGAQConfig, SampleTokenizer, SampleTokenizerTrain,
+                                      code_dtype, keyed_columns, subtoken_layout,
+                                      tokenizer_embedding_bag_collection)
+from iat_torchrec.models.quantizer import ResidualVectorQuantizer
 
 SMALL = dict(fields_per_subtoken=2, codebook_size=16, aux_layers=[16])
 

@@ -11,8 +11,8 @@ import torch
 from conftest import tiny_columns, tiny_spec
 from iat_torchrec.data.log import write_log
 from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder
-from iat_torchrec.models.source import (Scheme, SourceInstanceTransformer, SourceModelConfig,
-                                        SourceModelTrain, UserContextCache)
+from iat_torchrec.models.sit import SourceInstanceTransformer, UserContextCache
+from iat_torchrec.models.source import Scheme, SourceModelConfig, SourceModelTrain
 
 CONFIG = SourceModelConfig(token_dim=16, dense_arch_layers=[16, 8], decompress_layers=[32, 16],
                            cross_rank=8, sit_heads=2, sit_context=8)

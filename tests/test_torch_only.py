@@ -1,5 +1,6 @@
 """The long-history models and their benchmark need PyTorch only: in a process where torchrec
-and fbgemm_gpu cannot be imported, ``iat_torchrec.models.mixer`` and ``.history`` import, and
+and fbgemm_gpu cannot be imported, ``iat_torchrec.models.mixer``, ``.history``, ``.sit`` (the
+SIT), ``.quantizer`` (HGAQ's residual VQ) and ``iat_torchrec.history.batch`` import, and
 ``apps/bench_mixer.py`` runs every row (tiny sizes, no timings checked)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 for name in ("torchrec", "fbgemm_gpu", "pyarrow"):
     sys.modules[name] = None  # import fails
 import iat_torchrec.models.mixer, iat_torchrec.models.history
+import iat_torchrec.models.sit, iat_torchrec.models.quantizer, iat_torchrec.history.batch
 from apps import bench_mixer
 bench_mixer.main(["--lengths", "3", "--batch_size", "2", "--branch_batch_size", "3",
                   "--num_tokens", "4", "--mixer.d0", "8", "--mixer.num_blocks", "2",
