@@ -77,9 +77,10 @@ def test_temporal_order_is_global_time_order(log_dir):
     (single,) = _read(log_dir, "temporal")
     ts = np.concatenate([b.ts.numpy() for b in single])
     assert (np.diff(ts) >= 0).all()
-    r0, r1 = _read(log_dir, "temporal", world_size=2)
+    r0, r1 = _read(log_dir, "temporal", world_size=2, partition="steps")
     assert len(r0) == len(r1)
-    # Global steps are dealt batch by batch: interleaving the ranks restores time order.
+    # The steps partition deals global steps batch by batch: interleaving the ranks restores
+    # time order (the row_groups default: tests/test_reader_partition.py).
     merged = np.concatenate([np.r_[a.ts.numpy(), b.ts.numpy()] for a, b in zip(r0, r1)])
     assert (np.diff(merged) >= 0).all()
 

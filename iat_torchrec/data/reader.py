@@ -2,33 +2,51 @@
 
 Orders (:class:`ReadOrder`):
 
-- ``temporal``: global time order, by (ts, instance_id).
+- ``temporal``: time order, by (ts, instance_id).
 - ``user``: each user's instances together and in time order; users are ordered by their first
   instance, and a user's history is never split across ranks (users are dealt to ranks so that
   instance counts balance).
 - ``shuffled``: a seeded uniform permutation (``set_epoch`` changes it per epoch).
 
-For ``temporal`` and ``shuffled``, global steps of ``world_size * batch_size`` rows are dealt to
-ranks batch by batch (the last step split evenly), so ranks move through the data together and
-hold the same number of batches. Every row is read by exactly one rank.
+Partitions of the ``temporal`` and ``shuffled`` orders over ranks (:class:`Partition`):
 
-Memory stays bounded whatever the log size: the reader keeps the key columns (``instance_id``,
-``user_id``, ``ts``: 24 bytes per row) and a plan (8 bytes per row of this rank), plus at most one
-chunk of ``chunk_rows`` rows. When the requested order follows the order the rows are stored in
-(temporal order of a log written in time order, the normal case), row groups are streamed
-directly. Otherwise one pass scatters this rank's rows into temporary Arrow files of one chunk
-each (an external shuffle, ``tmp_dir``), which are then read back chunk by chunk.
+- ``row_groups`` (default): whole Parquet row groups are dealt to ranks in file order, each to
+  the rank with the fewest rows so far; the last rows (under one row group per rank) are cut into
+  one contiguous range per rank (:func:`deal_row_groups`). A rank decodes only its row groups,
+  keys included: at most two row groups more than its share. Each rank emits its own rows in the
+  order, so ranks stay within about ``world_size`` row groups of each other in the log (in time,
+  for a log stored in time order) and a synchronous step's batches come from neighbouring row
+  groups, not from one global time slice; shuffled, each rank permutes its own rows.
+- ``steps``: global steps of ``world_size * batch_size`` rows of the one global order are dealt
+  to ranks batch by batch, so a step's batches are consecutive in time (interleaving the ranks'
+  batches restores the global order), at the price of every rank reading every row group and
+  (temporal) the keys of the whole log.
+
+Both give every rank ``N // world_size`` rows, the first ``N % world_size`` ranks one more
+(``drop_last``: ``(N // (world_size * batch_size)) * batch_size`` rows each, full batches only),
+so batch counts differ by at most one, in the final step (the training loop pads it). One
+process reads the same rows in the same order under both. Every row is read by exactly one rank.
+
+Memory stays bounded by this rank's share, whatever the log size: a plan of 8 bytes per row of
+the rank (plus, while planning, 16 bytes per row of its keys; user order: about 32 per row of
+the rank and 32 per user of the log), plus at most one chunk of ``chunk_rows`` rows. When the
+plan follows the order the rows are stored in (temporal order of a log written in time order,
+the normal case), row groups are streamed directly. Otherwise one pass scatters this rank's rows
+into temporary Arrow files of one chunk each (an external shuffle, ``tmp_dir``), which are then
+read back chunk by chunk. ``rows_decoded`` and ``key_rows_decoded`` count the rows of the row
+groups decoded for batches and for planning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import heapq
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -38,9 +56,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iat_torchrec.data.batch import InstanceBatch
-from iat_torchrec.data.log import (InstanceLogError, KeyColumns, log_files, open_parquet,
-                                   read_key_columns)
-from iat_torchrec.data.spec import KEY_COLUMNS, FeatureSpec
+from iat_torchrec.data.log import (InstanceLogError, log_files, open_parquet, read_key_columns,
+                                   row_groups)
+from iat_torchrec.data.spec import INSTANCE_ID, KEY_COLUMNS, TS, USER_ID, FeatureSpec
 
 PathLike = Union[str, os.PathLike]
 
@@ -51,6 +69,13 @@ class ReadOrder(str, enum.Enum):
     TEMPORAL = "temporal"
     USER = "user"
     SHUFFLED = "shuffled"
+
+
+class Partition(str, enum.Enum):
+    """How the temporal and shuffled orders are split over ranks (the module docstring)."""
+
+    ROW_GROUPS = "row_groups"
+    STEPS = "steps"
 
 
 @dataclasses.dataclass
@@ -68,6 +93,10 @@ class ReaderConfig:
     reverse: bool = dataclasses.field(default=False, metadata={
         "help": "user order: users in reverse order (each user's rows stay in time order); "
                 "temporal: newest first"})
+    partition: Partition = dataclasses.field(default=Partition.ROW_GROUPS, metadata={
+        "help": "temporal / shuffled over ranks: row_groups (each rank decodes only its row "
+                "groups) | steps (global steps dealt batch by batch: the global order across "
+                "ranks, every rank decodes every row group)"})
 
 
 def hash_ids(ids: np.ndarray, num_buckets: int) -> np.ndarray:
@@ -96,29 +125,90 @@ def _deal_steps(order: np.ndarray, batch_size: int, rank: int, world_size: int,
     return np.concatenate([mine, tail])
 
 
-def _deal_users(key: KeyColumns, rank: int, world_size: int, reverse: bool) -> np.ndarray:
-    """Rank ``rank``'s rows in user order: whole users, dealt so instance counts balance."""
-    order = np.lexsort((key.instance_id, key.ts, key.user_id))
-    users_sorted = key.user_id[order]
-    starts = np.flatnonzero(np.r_[True, users_sorted[1:] != users_sorted[:-1]])
-    counts = np.diff(np.r_[starts, order.size])
-    # Snake dealing by decreasing size: 0,1,..,W-1,W-1,..,0,0,1,.. keeps counts balanced.
+def rank_row_count(num_rows: int, batch_size: int, rank: int, world_size: int,
+                   drop_last: bool) -> int:
+    """Rows rank ``rank`` reads in the temporal and shuffled orders (either partition):
+    ``N // W``, the first ``N % W`` ranks one more; ``drop_last``: ``(N // (W * B)) * B``.
+
+    Example: N = 1000, W = 3, B = 64 -> 334, 333, 333 (drop_last: 320 each).
+    """
+    if drop_last:
+        return num_rows // (world_size * batch_size) * batch_size
+    return num_rows // world_size + int(rank < num_rows % world_size)
+
+
+def deal_row_groups(group_starts: np.ndarray, world_size: int) -> List[np.ndarray]:
+    """Each rank's rows as ``[start, end)`` ranges of row numbers (``[k, 2]`` int64, file
+    order), given where each row group starts (then the total). Whole row groups go, in file
+    order, to the rank with the fewest rows so far (ties: the lowest rank) while they fit its
+    count (:func:`rank_row_count`); the rest, under one row group per rank, is cut into one
+    contiguous range per rank.
+
+    Example: 10 groups of 1,000 rows, 3 ranks: rank 0 gets groups 0, 3, 6 and [9000, 9334),
+    rank 1 groups 1, 4, 7 and [9334, 9667), rank 2 groups 2, 5, 8 and [9667, 10000).
+    """
+    total = int(group_starts[-1])
+    want = [rank_row_count(total, 1, r, world_size, False) for r in range(world_size)]
+    held = [0] * world_size
+    ranges: List[List[Tuple[int, int]]] = [[] for _ in range(world_size)]
+    fewest = [(0, r) for r in range(world_size)]  # a heap of (rows so far, rank)
+    gi = 0
+    while gi + 1 < group_starts.size:
+        start, end = int(group_starts[gi]), int(group_starts[gi + 1])
+        load, r = fewest[0]
+        if load + end - start > want[r]:
+            break
+        if end > start:
+            ranges[r].append((start, end))
+            held[r] += end - start
+            heapq.heapreplace(fewest, (held[r], r))
+        gi += 1
+    start = int(group_starts[gi])
+    for r in range(world_size):
+        end = start + want[r] - held[r]
+        if end > start:
+            ranges[r].append((start, end))
+        start = end
+    return [np.asarray(x, dtype=np.int64).reshape(-1, 2) for x in ranges]
+
+
+def _snake_owners(counts: np.ndarray, world_size: int) -> np.ndarray:
+    """The rank of each user (``counts``: rows per user): users by decreasing count dealt
+    0, 1, .., W-1, W-1, .., 0, 0, 1, .. so that the ranks' row counts balance."""
     by_size = np.argsort(-counts, kind="stable")
     lane = np.arange(by_size.size) % (2 * world_size)
     owner = np.empty_like(by_size)
     owner[by_size] = np.where(lane < world_size, lane, 2 * world_size - 1 - lane)
-    mine = np.flatnonzero(owner == rank)
-    # This rank's users by the time of their first instance (then user id).
-    first_ts = key.ts[order[starts[mine]]]
-    mine = mine[np.lexsort((users_sorted[starts[mine]], first_ts))]
-    if reverse:
-        mine = mine[::-1]
-    if mine.size == 0:
+    return owner
+
+
+def _user_order(rows: np.ndarray, user_id: np.ndarray, ts: np.ndarray,
+                instance_id: np.ndarray, reverse: bool) -> np.ndarray:
+    """``rows`` (each with its user, ts and instance id) in user order: users by the time of
+    their first instance (then user id; reversed with ``reverse``), each user's rows by
+    (ts, instance_id)."""
+    if rows.size == 0:
         return np.empty(0, dtype=np.int64)
-    seg_starts, seg_lens = starts[mine], counts[mine]
+    order = np.lexsort((instance_id, ts, user_id))
+    users_sorted = user_id[order]
+    starts = np.flatnonzero(np.r_[True, users_sorted[1:] != users_sorted[:-1]])
+    counts = np.diff(np.r_[starts, order.size])
+    by_first = np.lexsort((users_sorted[starts], ts[order[starts]]))
+    if reverse:
+        by_first = by_first[::-1]
+    seg_starts, seg_lens = starts[by_first], counts[by_first]
     # Concatenate the users' row ranges without a Python loop.
     offsets = np.repeat(seg_starts - np.r_[0, np.cumsum(seg_lens)[:-1]], seg_lens)
-    return order[np.arange(seg_lens.sum()) + offsets]
+    return rows[order[np.arange(order.size) + offsets]]
+
+
+def _merge_counts(users: np.ndarray, counts: np.ndarray, more: List[Tuple[np.ndarray, np.ndarray]]
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """``(users, counts)`` (sorted unique ids, rows of each) with ``more`` such pairs added."""
+    ids, inverse = np.unique(np.concatenate([users, *(u for u, _ in more)]), return_inverse=True)
+    summed = np.zeros(ids.size, dtype=np.int64)
+    np.add.at(summed, inverse, np.concatenate([counts, *(c for _, c in more)]))
+    return ids, summed
 
 
 class _TableColumns:
@@ -241,9 +331,12 @@ class InstanceLogReader:
             spec read as one log (their rows together, e.g. a user's train, valid and test
             rows in one user order).
         spec: its feature spec (default: the spec saved beside the (first) log).
-        config: batch size, order, seed, drop_last and chunk size.
+        config: batch size, order, partition, seed, drop_last and chunk size.
         rank, world_size: this process's partition; every row goes to exactly one rank.
         tmp_dir: where the external shuffle puts its temporary files (default: system temp).
+
+    ``rows_decoded`` / ``key_rows_decoded``: rows of the row groups decoded so far for batches
+    (every column of the spec) and for planning (key columns only), over all passes.
     """
 
     def __init__(self, path: Union[PathLike, Sequence[PathLike]],
@@ -260,6 +353,10 @@ class InstanceLogReader:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
         if self.config.batch_size <= 0 or self.config.chunk_rows < self.config.batch_size:
             raise ValueError("batch_size must be > 0 and chunk_rows >= batch_size")
+        if self.config.order not in set(ReadOrder):
+            raise ValueError(f"unknown order {self.config.order!r}")
+        if self.config.partition not in set(Partition):
+            raise ValueError(f"unknown partition {self.config.partition!r}")
         self.rank, self.world_size = rank, world_size
         self.tmp_dir = tmp_dir
         self.epoch = 0
@@ -270,14 +367,32 @@ class InstanceLogReader:
                 if col not in names:
                     raise InstanceLogError(f, "missing column required by the feature spec",
                                            column=col)
-        self._key = read_key_columns(self.files)
+        self.groups = row_groups(self.files)
+        self.rows_decoded = 0
+        self.key_rows_decoded = 0
         self._columns = self.spec.columns
         self._assemble = _BatchAssembler(self.spec, self.config.batch_size)
+        self._fixed_plan: Optional[np.ndarray] = None  # temporal and user plans, made once
 
     @property
     def num_rows(self) -> int:
         """Rows in the whole log."""
-        return int(self._key.ts.size)
+        return self.groups.num_rows
+
+    @property
+    def rank_rows(self) -> int:
+        """Rows this rank reads per pass."""
+        cfg = self.config
+        if cfg.order == ReadOrder.USER:
+            return int(self.plan().size)
+        return rank_row_count(self.num_rows, cfg.batch_size, self.rank, self.world_size,
+                              cfg.drop_last)
+
+    @property
+    def row_ranges(self) -> np.ndarray:
+        """This rank's ``[start, end)`` ranges of row numbers under the row_groups partition
+        (``[k, 2]``, file order; see :func:`deal_row_groups`)."""
+        return deal_row_groups(self.groups.starts, self.world_size)[self.rank]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of the shuffled order for this epoch."""
@@ -285,80 +400,150 @@ class InstanceLogReader:
 
     def plan(self) -> np.ndarray:
         """This rank's global row numbers (row position in the log), in emission order."""
-        key, cfg = self._key, self.config
-        if cfg.order == ReadOrder.USER:
-            return _deal_users(key, self.rank, self.world_size, cfg.reverse)
-        if cfg.order == ReadOrder.TEMPORAL:
-            order = np.lexsort((key.instance_id, key.ts))
-            if cfg.reverse:
-                order = order[::-1]
-        elif cfg.order == ReadOrder.SHUFFLED:
-            rng = np.random.default_rng([cfg.seed, self.epoch])
-            order = rng.permutation(key.ts.size)
-        else:
-            raise ValueError(f"unknown order {cfg.order!r}")
-        return _deal_steps(order, cfg.batch_size, self.rank, self.world_size, cfg.drop_last)
+        cfg = self.config
+        if cfg.order == ReadOrder.SHUFFLED:
+            return self._plan_shuffled()
+        if self._fixed_plan is None:
+            if cfg.order == ReadOrder.USER:
+                self._fixed_plan = self._plan_users()
+            elif cfg.partition == Partition.STEPS:
+                key = read_key_columns(self.files)
+                self.key_rows_decoded += self.num_rows
+                order = np.lexsort((key.instance_id, key.ts))
+                del key
+                self._fixed_plan = self._deal_steps(order[::-1] if cfg.reverse else order)
+            else:
+                own = self._own_rows()
+                keys = self._read_keys(own, [TS, INSTANCE_ID])
+                order = np.lexsort((keys[INSTANCE_ID], keys[TS]))
+                del keys
+                if cfg.reverse:
+                    order = order[::-1]
+                self._fixed_plan = own[order[:self.rank_rows]]
+        return self._fixed_plan
 
     def __len__(self) -> int:
-        return -(-self.plan().size // self.config.batch_size)
+        return -(-self.rank_rows // self.config.batch_size)
 
     def __iter__(self) -> Iterator[InstanceBatch]:
         rows = self.plan()
         if rows.size == 0:
             return
         if bool((np.diff(rows) > 0).all()):
-            yield from self._assemble(self._stream_in_file_order(rows))
+            yield from self._assemble(self._tables_of(rows))
         else:
             yield from self._assemble(self._external_shuffle(rows))
 
+    # ------------------------------------------------------------------ plans
+    def _deal_steps(self, order: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        return _deal_steps(order, cfg.batch_size, self.rank, self.world_size, cfg.drop_last)
+
+    def _own_rows(self) -> np.ndarray:
+        """This rank's row numbers under the row_groups partition, ascending."""
+        return np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in self.row_ranges]
+                              or [np.empty(0, dtype=np.int64)])
+
+    def _plan_shuffled(self) -> np.ndarray:
+        cfg = self.config
+        if cfg.partition == Partition.STEPS:
+            order = np.random.default_rng([cfg.seed, self.epoch]).permutation(self.num_rows)
+            return self._deal_steps(order)
+        own = self._own_rows()
+        # One process draws the permutation of the whole log that the steps partition draws;
+        # several draw independent ones, so that a step's batches are not alike.
+        key = [cfg.seed, self.epoch] + ([self.rank] if self.world_size > 1 else [])
+        return own[np.random.default_rng(key).permutation(own.size)[:self.rank_rows]]
+
+    def _plan_users(self) -> np.ndarray:
+        """Whole users dealt so that instance counts balance: one pass counts every user's rows
+        (user ids only, merged row group by row group), a second keeps this rank's rows' keys."""
+        users, counts = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        pending: List[Tuple[np.ndarray, np.ndarray]] = []
+        for gi in range(len(self.groups.ids)):
+            ids = _values(self._read_group(gi, [USER_ID])[USER_ID])
+            pending.append(np.unique(ids, return_counts=True))
+            if sum(u.size for u, _ in pending) > users.size:  # merge at doubling: linear work
+                users, counts = _merge_counts(users, counts, pending)
+                pending = []
+        users, counts = _merge_counts(users, counts, pending)
+        mine = _snake_owners(counts, self.world_size) == self.rank
+        kept: Dict[str, List[np.ndarray]] = {k: [] for k in ("rows", *KEY_COLUMNS)}
+        for gi in range(len(self.groups.ids)):
+            table = self._read_group(gi, list(KEY_COLUMNS))
+            user = _values(table[USER_ID])
+            keep = np.flatnonzero(mine[np.searchsorted(users, user)])
+            kept["rows"].append(keep + self.groups.starts[gi])
+            for col in KEY_COLUMNS:
+                kept[col].append(_values(table[col])[keep])
+        del users, counts, mine
+        return _user_order(*(np.concatenate(kept[k]) for k in ("rows", USER_ID, TS, INSTANCE_ID)),
+                           reverse=self.config.reverse)
+
+    def _read_keys(self, rows: np.ndarray, columns: List[str]) -> Dict[str, np.ndarray]:
+        """Columns ``columns`` of ``rows`` (ascending row numbers), as NumPy arrays."""
+        parts: Dict[str, List[np.ndarray]] = {c: [] for c in columns}
+        for table in self._tables_of(rows, columns):
+            for c in columns:
+                parts[c].append(_values(table[c]))
+        return {c: np.concatenate(v) if v else np.empty(0, dtype=np.int64)
+                for c, v in parts.items()}
+
     # ------------------------------------------------------------------ the two read paths
-    def _read_group(self, gi: int) -> pa.Table:
-        fi, g = self._key.group_ids[gi]
+    def _read_group(self, gi: int, columns: Optional[List[str]] = None) -> pa.Table:
+        """Row group ``gi``: every column of the spec (counted in ``rows_decoded``), or only
+        ``columns`` (keys, counted in ``key_rows_decoded``)."""
+        fi, g = self.groups.ids[gi]
         try:
-            return open_parquet(self.files[fi]).read_row_group(g, columns=self._columns)
+            table = open_parquet(self.files[fi]).read_row_group(
+                g, columns=self._columns if columns is None else columns)
         except (OSError, pa.ArrowException) as e:
             raise InstanceLogError(self.files[fi], f"unreadable or corrupted Parquet data in row "
                                                    f"group {g} ({e})") from None
+        if columns is None:
+            self.rows_decoded += table.num_rows
+        else:
+            self.key_rows_decoded += table.num_rows
+        return table
 
-    def _groups_of(self, rows: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self._key.group_starts, rows, side="right") - 1
-
-    def _stream_in_file_order(self, rows: np.ndarray) -> Iterator[pa.Table]:
-        """Rows already ascending: read the row groups that hold them, in order."""
-        starts = self._key.group_starts
-        groups = self._groups_of(rows)
-        bounds = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1], True])
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            gi = int(groups[a])
-            table = self._read_group(gi)
-            local = rows[a:b] - starts[gi]
-            yield table if local.size == table.num_rows else table.take(pa.array(local))
+    def _tables_of(self, rows: np.ndarray, columns: Optional[List[str]] = None
+                   ) -> Iterator[pa.Table]:
+        """Rows ``rows`` (ascending row numbers), one table per row group that holds some, in
+        order; only those row groups are decoded."""
+        starts = self.groups.starts
+        cuts = np.searchsorted(rows, starts)
+        for gi in np.flatnonzero(np.diff(cuts)):
+            table = self._read_group(int(gi), columns)
+            local = rows[cuts[gi]:cuts[gi + 1]] - starts[gi]
+            if local.size == table.num_rows:
+                yield table
+            elif local[-1] - local[0] + 1 == local.size:
+                yield table.slice(int(local[0]), local.size)
+            else:
+                yield table.take(pa.array(local))
 
     def _external_shuffle(self, rows: np.ndarray) -> Iterator[pa.Table]:
         """Scatter this rank's rows into one temporary Arrow file per chunk of the emission
-        order, in a single pass over the log, then read the chunks back in order."""
+        order, in a single pass over its row groups, then read the chunks back in order."""
         chunk_rows = self.config.chunk_rows
         n_chunks = -(-rows.size // chunk_rows)
-        position = np.full(self.num_rows, -1, dtype=np.int64)
-        position[rows] = np.arange(rows.size)
+        by_row = np.argsort(rows, kind="stable")  # emission positions, by row number
+        cuts = np.searchsorted(rows[by_row], self.groups.starts)
         tmp = Path(tempfile.mkdtemp(prefix="iat-reader-", dir=self.tmp_dir))
         try:
-            schema = None
             writers: List[Optional[ipc.RecordBatchFileWriter]] = [None] * n_chunks
-            for gi in np.unique(self._groups_of(rows)):
+            for gi in np.flatnonzero(np.diff(cuts)):
                 table = self._read_group(int(gi))
-                pos = position[self._key.group_starts[gi]:self._key.group_starts[gi + 1]]
-                keep = np.flatnonzero(pos >= 0)
-                chunk = pos[keep] // chunk_rows
-                by_chunk = np.argsort(chunk, kind="stable")
-                keep, chunk = keep[by_chunk], chunk[by_chunk]
-                table = table.append_column(_POS, pa.array(pos)).take(pa.array(keep))
-                schema = table.schema
+                pos = by_row[cuts[gi]:cuts[gi + 1]]
+                pos = pos[np.argsort(pos // chunk_rows, kind="stable")]
+                table = table.take(pa.array(rows[pos] - self.groups.starts[gi]))
+                table = table.append_column(_POS, pa.array(pos))
+                chunk = pos // chunk_rows
                 cut = np.flatnonzero(np.r_[True, chunk[1:] != chunk[:-1], True])
                 for a, b in zip(cut[:-1], cut[1:]):
                     c = int(chunk[a])
                     if writers[c] is None:
-                        writers[c] = ipc.new_file(str(tmp / f"{c:06d}.arrow"), schema)
+                        writers[c] = ipc.new_file(str(tmp / f"{c:06d}.arrow"), table.schema)
                     writers[c].write_table(table.slice(a, b - a))
             for w in writers:
                 if w is not None:
