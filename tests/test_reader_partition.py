@@ -1,0 +1,167 @@
+"""Ranks read only their share: the row_groups partition of the temporal and shuffled orders
+(each rank decodes its row groups, keys included, and holds keys of its rows only), its equal
+step counts, and the user order over 2 and 3 ranks."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import tiny_columns, tiny_spec
+from iat_torchrec.data.batch import InstanceBatch
+from iat_torchrec.data.log import write_log
+from iat_torchrec.data.reader import (InstanceLogReader, Partition, ReaderConfig, ReadOrder,
+                                      deal_row_groups, rank_row_count)
+
+N, GROUP, BATCH = 10_000, 1_000, 128
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory) -> Path:
+    # Files of 3,500 rows: row groups of 1,000, 1,000, 1,000 and 500 rows.
+    return write_log(pa.table(tiny_columns(n=N, seed=2, users=60)),
+                     tmp_path_factory.mktemp("log") / "log", tiny_spec(), rows_per_file=3_500,
+                     row_group_size=GROUP)
+
+
+def _reader(path, order, rank, world_size, **cfg) -> InstanceLogReader:
+    config = ReaderConfig(batch_size=BATCH, order=ReadOrder(order), **cfg)
+    return InstanceLogReader(path, config=config, rank=rank, world_size=world_size)
+
+
+def _ids(batches: List[InstanceBatch]) -> np.ndarray:
+    return np.concatenate([b.instance_id.numpy() for b in batches])
+
+
+def test_deal_row_groups_covers_the_log_in_equal_shares():
+    starts = np.arange(0, 10_001, 1_000)
+    ranges = deal_row_groups(starts, 3)
+    assert [r.tolist() for r in ranges] == [
+        [[0, 1000], [3000, 4000], [6000, 7000], [9000, 9334]],
+        [[1000, 2000], [4000, 5000], [7000, 8000], [9334, 9667]],
+        [[2000, 3000], [5000, 6000], [8000, 9000], [9667, 10000]]]
+    # Uneven groups, more ranks than groups, a log smaller than the ranks.
+    for starts, world in [(np.r_[0, np.cumsum([700, 30, 1000, 999, 5, 1000, 400])], 4),
+                          (np.array([0, 1000, 1100]), 5), (np.array([0, 3]), 4)]:
+        ranges = deal_row_groups(starts, world)
+        rows = np.concatenate([np.arange(s, e) for r in ranges for s, e in r])
+        assert np.array_equal(np.sort(rows), np.arange(starts[-1]))
+        assert [int((r[:, 1] - r[:, 0]).sum()) for r in ranges] == [
+            rank_row_count(int(starts[-1]), 1, k, world, False) for k in range(world)]
+        for r in ranges:  # at most two row groups shared with another rank
+            partial = [(s, e) for s, e in r if s not in starts or e not in starts]
+            assert len(partial) <= 2
+
+
+@pytest.mark.parametrize("order", ["temporal", "shuffled"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_each_rank_decodes_only_its_share(log_dir, order, world_size):
+    readers = [_reader(log_dir, order, r, world_size) for r in range(world_size)]
+    per_rank = [list(r) for r in readers]
+    ids = np.concatenate([_ids(b) for b in per_rank])
+    assert ids.size == N and np.unique(ids).size == N  # every row by exactly one rank
+    assert len({len(b) for b in per_rank}) == 1  # the same number of batches
+    for reader, batches in zip(readers, per_rank):
+        share = reader.rank_rows
+        assert sum(len(b) for b in batches) == share == reader.plan().size
+        assert len(reader) == len(batches)
+        assert share <= reader.rows_decoded <= share + 2 * GROUP
+        assert reader.rows_decoded <= N / world_size + 0.2 * N  # far below the log
+        # Keys: temporal reads them for its own row groups only, shuffled needs none.
+        assert reader.key_rows_decoded == (reader.rows_decoded if order == "temporal" else 0)
+    # The old dealing decodes every row group on every rank, and the keys of the whole log.
+    old = _reader(log_dir, order, 0, world_size, partition=Partition.STEPS)
+    list(old)
+    assert old.rows_decoded == N
+    assert old.key_rows_decoded == (N if order == "temporal" else 0)
+
+
+def test_ranks_move_through_time_together(log_dir):
+    """Temporal: each rank streams its rows in time order (no reordering pass for a log
+    stored in time order), and a step's batches lie within a few row groups of each other."""
+    per_rank = [list(_reader(log_dir, "temporal", r, 2)) for r in range(2)]
+    position = {int(i): k for k, i in enumerate(tiny_columns(n=N, seed=2,
+                                                              users=60)["instance_id"])}
+    for batches in per_rank:
+        ts = np.concatenate([b.ts.numpy() for b in batches])
+        assert (np.diff(ts) >= 0).all()
+    for step in zip(*per_rank):
+        centres = [np.mean([position[int(i)] for i in b.instance_id]) for b in step]
+        assert max(centres) - min(centres) <= 2 * GROUP
+
+
+def test_shuffled_epochs_permute_the_same_rows(log_dir):
+    reader = _reader(log_dir, "shuffled", 1, 2, seed=7)
+    first = _ids(list(reader))
+    reader.set_epoch(1)
+    second = _ids(list(reader))
+    assert not np.array_equal(first, second)
+    assert np.array_equal(np.sort(first), np.sort(second))
+    assert reader.rows_decoded <= 2 * (first.size + 2 * GROUP)  # counted over both passes
+    # Ranks draw independent permutations: rank 0 does not emit its k-th row when rank 1
+    # emits its own k-th.
+    local = [np.argsort(np.argsort(_reader(log_dir, "shuffled", r, 2, seed=7).plan()))
+             for r in range(2)]
+    assert np.mean(local[0] == local[1]) < 0.01
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_drop_last_gives_equal_full_batches(log_dir, world_size):
+    for order in ("temporal", "shuffled"):
+        per_rank = [list(_reader(log_dir, order, r, world_size, drop_last=True))
+                    for r in range(world_size)]
+        assert {len(b) for b in per_rank} == {N // (world_size * BATCH)}
+        assert all(len(b) == BATCH for batches in per_rank for b in batches)
+
+
+@pytest.mark.parametrize("order", list(ReadOrder))
+def test_one_process_reads_the_same_under_both_partitions(log_dir, order):
+    for reverse in (False, True):
+        got = [_ids(list(_reader(log_dir, order, 0, 1, reverse=reverse, partition=p)))
+               for p in Partition]
+        assert np.array_equal(*got) and got[0].size == N
+
+
+def test_keys_held_while_planning_are_bounded_by_the_share(log_dir):
+    """The arrays made while planning (keys, order, plan) scale with the rank's rows: with 3
+    ranks well under the 24 bytes per row of the log's keys that the steps dealing reads."""
+    def peak(reader: InstanceLogReader) -> int:
+        tracemalloc.start()
+        reader.plan()
+        size = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return size
+
+    new = _reader(log_dir, "temporal", 0, 3)
+    old = _reader(log_dir, "temporal", 0, 3, partition=Partition.STEPS)
+    share = new.rank_rows
+    assert peak(new) < 40 * (share + 2 * GROUP) < 24 * N <= peak(old)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_user_order_keeps_every_user_on_one_rank(log_dir, world_size):
+    readers = [_reader(log_dir, "user", r, world_size) for r in range(world_size)]
+    owner = {}
+    rows = []
+    for rank, reader in enumerate(readers):
+        batches = list(reader)
+        users = np.concatenate([b.user_id.numpy() for b in batches])
+        rows.append(users.size)
+        for u in np.unique(users):
+            assert owner.setdefault(int(u), rank) == rank
+        change = np.flatnonzero(users[1:] != users[:-1]) + 1
+        assert len(change) + 1 == np.unique(users).size  # each user's rows together
+        # Users are spread over the log: the user order decodes every row group, and reads
+        # the user ids of the log twice (counting, then keeping this rank's keys).
+        assert reader.rows_decoded == N and reader.key_rows_decoded == 2 * N
+    assert sum(rows) == N and max(rows) - min(rows) < 0.2 * N / world_size
+
+
+def test_unknown_partition_is_an_error(log_dir):
+    with pytest.raises(ValueError, match="unknown partition 'pages'"):
+        _reader(log_dir, "temporal", 0, 2, partition="pages")
