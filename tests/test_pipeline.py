@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from torchx import specs
@@ -25,6 +26,8 @@ from iat_torchrec.pipeline.plan import VARIANTS, PipelineConfig, Step, build_pla
 from iat_torchrec.stages.evaluate import (CompareConfig, EvaluateConfig, ResultsError,
                                           run_compare, run_evaluate)
 from iat_torchrec.pipeline.runner import PipelineRunner, StageFailed, fingerprints, run_pipeline
+from iat_torchrec.train.loop import prediction_metrics
+from iat_torchrec.train.predictions import read_predictions, write_predictions
 
 # The main job's settings, at a tiny size.
 TINY = ["--config", str(REPO_ROOT / "experiments" / "main.json"), "--seeds", "0",
@@ -303,6 +306,58 @@ def test_pipeline_end_to_end_writes_a_table_a_person_can_read(e2e):
             "synthetic__seed0__train_DLRM.log", "evaluate.log"} <= logs
     assert "[train] best epoch 0 test click" in (
         run / "logs" / "synthetic__seed0__train_DLRM.log").read_text()
+    # Each run keeps its best epoch's test predictions (for the paired bootstrap), only those.
+    work = run / "work" / "synthetic" / "seed0"
+    saved = json.loads((work / "results_DLRM.json").read_text())
+    pred = read_predictions(saved["test_predictions"], "click")
+    assert pred["instance_id"].size == saved["test"]["click"]["count"]
+    assert not list(work.glob("*.test_epoch*.parquet"))
+
+
+def _write_run(root: Path, variant: str, seed: int, pred: Dict[str, np.ndarray]) -> Dict:
+    """A results file and test predictions of one run, as the train stage writes them."""
+    results = root / f"seed{seed}" / f"results_{variant}.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    path = results.with_suffix(".test.parquet")
+    write_predictions(path, pred, ["click"])
+    metrics = prediction_metrics(pred, ["click"])
+    results.write_text(json.dumps({"valid": metrics, "test": metrics, "steps": 10,
+                                   "test_predictions": str(path)}))
+    return {"seed": seed, "results": str(results)}
+
+
+def test_gains_carry_their_uncertainty_and_noise_is_marked(tmp_path):
+    """3,000 test rows with random labels: a variant of random scores shows no gain beyond its
+    bootstrap interval (n.s. in the table, the CSV and the plot), a variant that knows the
+    labels does."""
+    log = write_log(pa.table(tiny_columns()), tmp_path / "log", tiny_spec())
+    rng = np.random.default_rng(0)
+    n = 3000
+    labels = rng.integers(0, 2, (n, 1))
+    base = {"instance_id": np.arange(n), "users": rng.integers(0, 300, n), "labels": labels}
+    runs: Dict[str, List] = {"DLRM+BST": [], "noise": [], "informed": []}
+    for seed in range(2):
+        for variant in runs:
+            logits = rng.normal(size=(n, 1)) + (1.0 * labels if variant == "informed" else 0)
+            runs[variant].append(_write_run(tmp_path, variant, seed, {**base, "logits": logits}))
+    index = {"baseline": "DLRM+BST", "datasets": {"tiny": {
+        "train_log": str(log), "log": str(log), "runs": runs}}}
+    (tmp_path / "runs.json").write_text(json.dumps(index))
+    summary = run_evaluate(EvaluateConfig(runs=str(tmp_path / "runs.json"), bootstrap_draws=200))
+    rows = {r["variant"]: r for r in summary["datasets"]["tiny"]["table"]}
+    noise, informed = rows["noise"], rows["informed"]
+    assert noise["auc_gain_low"] < 0 < noise["auc_gain_high"]
+    assert noise["auc_gain_significant"] is False and informed["auc_gain_significant"] is True
+    assert informed["auc_gain_low"] > 0 and informed["auc_gain_std"] >= 0
+    assert rows["DLRM+BST"]["auc_gain_significant"] is None  # the baseline itself
+    md = (tmp_path / "results.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| noise |"))
+    assert "n.s." in line and f"[{noise['auc_gain_low']:+.2f}, " in line
+    assert "n.s." not in next(x for x in md.splitlines() if x.startswith("| informed |"))
+    with open(tmp_path / "results.csv") as f:
+        csv_rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert csv_rows["noise"]["auc_gain_significant"] == "False"
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_rerun_skips_every_stage(e2e):

@@ -9,6 +9,12 @@ AUC),
 ``results.csv`` (the same rows), ``results.png`` (test AUC per variant with its std as error
 bars, one panel per dataset) and ``summary.json`` (the tables and every run's metrics). A
 missing or unreadable results file is an error naming it.
+
+Every gain carries its uncertainty: the std over seeds of the per-seed gains, and a paired
+bootstrap interval over test users (:func:`~iat_torchrec.train.metrics.bootstrap_gain` on the
+runs' test predictions: each resample draws the test users with replacement and scores the
+variant and the baseline on the same draw). A gain whose interval holds zero is marked
+``n.s.`` in the Markdown, the CSV (``*_gain_significant``) and the plot (hatched bar).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import numpy as np
 from iat_torchrec.atomic import atomic_output
 from iat_torchrec.data.log import validate_log
 from iat_torchrec.data.spec import FeatureSpec
+from iat_torchrec.train.metrics import bootstrap_gain
+from iat_torchrec.train.predictions import aligned_logits
 
 METRICS = ("auc", "gauc", "logloss")
 # Per run, averaged over seeds.
@@ -39,6 +47,14 @@ class EvaluateConfig:
         "help": "index of the runs (runs.json, written by apps/pipeline.py) (required)"})
     out_dir: str = dataclasses.field(default="", metadata={
         "help": "where results.{md,csv,png} and summary.json go (default: the index's folder)"})
+    bootstrap_draws: int = dataclasses.field(default=1000, metadata={
+        "help": "resamples of the test users in the paired bootstrap of each gain (0: none)"})
+    confidence: float = dataclasses.field(default=0.95, metadata={
+        "help": "level of the bootstrap interval of each gain"})
+
+    def __post_init__(self) -> None:
+        if self.bootstrap_draws < 0 or not 0.0 < self.confidence < 1.0:
+            raise ValueError("EvaluateConfig: bootstrap_draws must be >= 0, confidence in (0, 1)")
 
 
 class ResultsError(ValueError):
@@ -67,6 +83,7 @@ def load_runs(index: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
                     raise ResultsError(f"{path}: not a results file with valid and test "
                                        f"metrics of label {label!r} ({e!r})") from None
                 runs[variant].append({"seed": run["seed"], "valid": valid, "test": test,
+                                      "test_predictions": saved.get("test_predictions"),
                                       "last_epoch_gain": last_epoch_gain(saved, label),
                                       "best_epoch": saved.get("best_epoch"),
                                       "steps": saved.get("steps"),
@@ -83,9 +100,11 @@ def last_epoch_gain(results: Dict[str, Any], label: str) -> Optional[float]:
     return max(aucs) - max(aucs[:-1]) if len(aucs) > 1 else None
 
 
-def summarize(dataset: Dict[str, Any]) -> List[Dict[str, Any]]:
+def summarize(dataset: Dict[str, Any], draws: int = 0, confidence: float = 0.95
+              ) -> List[Dict[str, Any]]:
     """One row per variant: mean / std over seeds of the test metrics, gains over the
-    dataset's baseline variant."""
+    dataset's baseline variant with their std over seeds (the gains of seeds paired by seed)
+    and, with ``draws``, their paired bootstrap interval over test users."""
     rows = []
     stats = {}
     for variant, runs in dataset["runs"].items():
@@ -101,23 +120,68 @@ def summarize(dataset: Dict[str, Any]) -> List[Dict[str, Any]]:
         stats[variant] = s
         rows.append(s)
     base = stats.get(dataset["baseline"])
+    base_runs = dataset["runs"].get(dataset["baseline"], [])
     for s in rows:
+        runs = dataset["runs"][s["variant"]]
+        interval = gain_interval(dataset["label"], runs, base_runs, draws, confidence)
         for m in ("auc", "gauc"):
             s[f"{m}_gain_pct"] = (100.0 * (s[f"{m}_mean"] - base[f"{m}_mean"]) / base[f"{m}_mean"]
                                   if base else float("nan"))
+            s[f"{m}_gain_std"] = seed_gain_std(runs, base_runs, m)
+            low, high = interval.get(m, (float("nan"), float("nan")))
+            s[f"{m}_gain_low"], s[f"{m}_gain_high"] = low, high
+            s[f"{m}_gain_significant"] = bool(low > 0 or high < 0) if low == low else None
     return rows
 
 
-def _gain(pct: float) -> str:
-    """A relative gain, or "-" where the baseline variant was not run."""
-    return f"{pct:+.2f}%" if pct == pct else "-"
+def seed_gain_std(runs: List[Dict[str, Any]], base_runs: List[Dict[str, Any]],
+                  metric: str) -> float:
+    """Std over seeds of the relative gain (%) of each seed's run over the baseline's run of
+    the same seed (NaN without common seeds)."""
+    base = {r["seed"]: r["test"][metric] for r in base_runs}
+    gains = [100.0 * (r["test"][metric] - base[r["seed"]]) / base[r["seed"]]
+             for r in runs if r["seed"] in base]
+    return float(np.std(gains)) if gains else float("nan")
 
 
-def markdown(dataset: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+def gain_interval(label: str, runs: List[Dict[str, Any]], base_runs: List[Dict[str, Any]],
+                  draws: int, confidence: float) -> Dict[str, Any]:
+    """The paired bootstrap interval of the seed-mean gain of ``runs`` over ``base_runs``
+    (metric -> (low, high)); empty without draws, predictions or a baseline, or for the
+    baseline itself."""
+    paths = [r["test_predictions"] for r in runs]
+    base_paths = [r["test_predictions"] for r in base_runs]
+    if not draws or not runs or not base_runs or runs is base_runs or None in paths + base_paths:
+        return {}
+    pred = aligned_logits(paths + base_paths, label)
+    logits = pred["logits"]
+    return bootstrap_gain(pred["label"], pred["user_id"], logits[:len(paths)],
+                          logits[len(paths):], draws=draws, level=confidence)
+
+
+def _gain(row: Dict[str, Any], metric: str) -> str:
+    """A relative gain with its std over seeds and bootstrap interval, ``n.s.`` when the
+    interval holds zero; "-" where the baseline variant was not run."""
+    pct = row[f"{metric}_gain_pct"]
+    if pct != pct:
+        return "-"
+    out = f"{pct:+.2f}%"
+    if row[f"{metric}_gain_std"] == row[f"{metric}_gain_std"] and row["seeds"] > 1:
+        out += f" +- {row[f'{metric}_gain_std']:.2f}"
+    if row[f"{metric}_gain_significant"] is not None:
+        out += (f" [{row[f'{metric}_gain_low']:+.2f}, {row[f'{metric}_gain_high']:+.2f}]"
+                + ("" if row[f"{metric}_gain_significant"] else " n.s."))
+    return out
+
+
+def markdown(dataset: Dict[str, Any], rows: List[Dict[str, Any]], confidence: float = 0.95
+             ) -> str:
     seeds = max((r["seeds"] for r in rows), default=0)
     base = dataset["baseline"]
     lines = [f"### {dataset['name']} ({dataset['rows']:,} instances), test split, label "
              f"{dataset['label']}, {seeds} seeds (mean +- std)", "",
+             f"Gains over {base}: relative, +- their std over seeds, [the {confidence:.0%} "
+             "paired bootstrap interval over test users]; n.s.: the interval holds zero.", "",
              f"| variant | AUC | GAUC | logloss | AUC vs {base} | GAUC vs {base} | steps | "
              "best epoch | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -125,7 +189,7 @@ def markdown(dataset: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
         lines.append(f"| {r['variant']} | {r['auc_mean']:.4f} +- {r['auc_std']:.4f} | "
                      f"{r['gauc_mean']:.4f} +- {r['gauc_std']:.4f} | "
                      f"{r['logloss_mean']:.4f} +- {r['logloss_std']:.4f} | "
-                     f"{_gain(r['auc_gain_pct'])} | {_gain(r['gauc_gain_pct'])} | "
+                     f"{_gain(r, 'auc')} | {_gain(r, 'gauc')} | "
                      f"{r['steps']:,.0f} | {r['best_epoch']:.1f} | {r['train_seconds']:.1f} |")
     gains = [r for r in rows if r["last_epoch_gain"] == r["last_epoch_gain"]]
     if gains:
@@ -136,8 +200,10 @@ def markdown(dataset: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
 
 
 CSV_FIELDS = ["dataset", "variant", "seeds", "auc_mean", "auc_std", "gauc_mean", "gauc_std",
-              "logloss_mean", "logloss_std", "auc_gain_pct", "gauc_gain_pct", "valid_auc_mean",
-              "valid_auc_std", *TRAINING]
+              "logloss_mean", "logloss_std",
+              *(f"{m}_gain_{k}" for m in ("auc", "gauc")
+                for k in ("pct", "std", "low", "high", "significant")),
+              "valid_auc_mean", "valid_auc_std", *TRAINING]
 
 
 def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
@@ -159,15 +225,26 @@ def write_plot(path: Path, tables: Dict[str, List[Dict[str, Any]]], baseline: st
     for ax, (name, rows) in zip(axes[0], tables.items()):
         x = np.arange(len(rows))
         means = [r["auc_mean"] for r in rows]
-        ax.bar(x, means, yerr=[r["auc_std"] for r in rows], capsize=4,
-               color=["tab:gray" if r["variant"] == baseline else "tab:blue" for r in rows])
+        bars = ax.bar(x, means, yerr=[r["auc_std"] for r in rows], capsize=4,
+                      color=["tab:gray" if r["variant"] == baseline else "tab:blue"
+                             for r in rows])
+        for bar, r in zip(bars, rows):  # the gain over the baseline; hatched: n.s.
+            if r["variant"] == baseline or r["auc_gain_pct"] != r["auc_gain_pct"]:
+                continue
+            if r["auc_gain_significant"] is False:
+                bar.set_hatch("//")
+                bar.set_alpha(0.5)
+            mark = " n.s." if r["auc_gain_significant"] is False else ""
+            ax.annotate(f"{r['auc_gain_pct']:+.2f}%{mark}", (bar.get_x() + bar.get_width() / 2,
+                        bar.get_height() + r["auc_std"]), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x)
         ax.set_xticklabels([r["variant"] for r in rows], rotation=35, ha="right", fontsize=8)
         lo = min(m - r["auc_std"] for m, r in zip(means, rows))
         hi = max(m + r["auc_std"] for m, r in zip(means, rows))
         pad = max(0.005, 0.1 * (hi - lo))
         ax.set_ylim(lo - pad, hi + pad)
-        ax.set_ylabel("test AUC (mean +- std over seeds)")
+        ax.set_ylabel(f"test AUC (mean +- std over seeds); gain vs {baseline}, "
+                      "hatched: n.s.", fontsize=8)
         steps = sorted({int(r["steps"]) for r in rows if r["steps"] == r["steps"]})
         ax.set_title(f"{name}: {', '.join(f'{n:,}' for n in steps)} optimizer steps per model")
     fig.tight_layout()
@@ -187,8 +264,9 @@ def run_evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise ResultsError(f"{index_path}: cannot read the index of runs ({e})") from None
     datasets = load_runs(index)
-    tables = {name: summarize(d) for name, d in datasets.items()}
-    text = "\n\n".join(markdown(datasets[n], tables[n]) for n in tables)
+    tables = {name: summarize(d, cfg.bootstrap_draws, cfg.confidence)
+              for name, d in datasets.items()}
+    text = "\n\n".join(markdown(datasets[n], tables[n], cfg.confidence) for n in tables)
     out = Path(cfg.out_dir) if cfg.out_dir else index_path.parent
     out.mkdir(parents=True, exist_ok=True)
     with atomic_output(out / "results.md", overwrite=True) as t:

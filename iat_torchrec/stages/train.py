@@ -23,7 +23,9 @@ Decisions:
   :func:`~iat_torchrec.train.loop.plateau_schedule`); both follow from the kept per-epoch
   metrics, so a resumed run stops and decays where an uninterrupted one does. No model copy
   has to be kept or reloaded; the per-epoch metrics ride in the checkpoints (rank state), so a
-  resumed run reports the same selection.
+  resumed run reports the same selection. The selected epoch's test predictions are kept
+  beside the results (:func:`predictions_path`, named in the results as
+  ``test_predictions``): the evaluation's paired bootstrap over users reads them.
 - Training order: shuffled, one permutation per epoch (the reader's seed ``seed``, epoch
   ``epoch``); valid and test are read in time order.
 - The item-id history's items come from ``item_logs``, by default the logs recorded as exported
@@ -45,6 +47,7 @@ Decisions:
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -67,7 +70,9 @@ from iat_torchrec.tokens.downstream import DownstreamDataError, DownstreamReader
 from iat_torchrec.tokens.lookup import LookupConfig, make_code_lookup, make_token_lookup
 from iat_torchrec.tokens.shards import HistoryShards, HistoryShardsError
 from iat_torchrec.tokens.store import TokenStore
-from iat_torchrec.train.loop import Trainer, evaluate, plateau_schedule
+from iat_torchrec.train.loop import (Trainer, evaluate, plateau_schedule, prediction_metrics,
+                                     predict)
+from iat_torchrec.train.predictions import write_predictions
 
 STAGE = "train"
 SPLITS = ("train", "valid", "test")
@@ -231,6 +236,24 @@ def held_rows(lookup: Any, store: TokenStore, env: DistEnv) -> Optional[Dict[str
             "bytes_per_rank": [p["bytes"] for p in parts]}
 
 
+def predictions_path(results: str, epoch: Optional[int] = None) -> Path:
+    """Where a run's test predictions go: beside its results file, one per epoch while it
+    trains (``<results>.test_epoch<k>.parquet``), the best valid epoch's at the end
+    (``<results>.test.parquet``)."""
+    stem = Path(results).with_suffix("")
+    return stem.with_name(f"{stem.name}.test" + ("" if epoch is None else f"_epoch{epoch}")
+                          + ".parquet")
+
+
+def keep_best_predictions(results: str, best: int, epochs: List[int]) -> str:
+    """The best epoch's test predictions become the run's; the other epochs' are removed."""
+    final = predictions_path(results)
+    os.replace(predictions_path(results, best), final)
+    for epoch in epochs:
+        predictions_path(results, epoch).unlink(missing_ok=True)
+    return str(final)
+
+
 def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
     """Check the inputs, train, validate (and test) each epoch; returns the results on rank 0:
     ``valid`` / ``test`` (label -> auc, gauc, logloss, count) of the best valid epoch,
@@ -292,8 +315,13 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
 
     def after_epoch(epoch: int) -> None:
         valid = evaluate(model, valid_reader, env, list(spec.labels))
-        test = (evaluate(model, test_reader, env, list(spec.labels))
-                if test_reader is not None else None)
+        test = None
+        if test_reader is not None:
+            pred = predict(model, test_reader, env)
+            if pred is not None:
+                test = prediction_metrics(pred, list(spec.labels))
+                if cfg.results:
+                    write_predictions(predictions_path(cfg.results, epoch), pred, spec.labels)
         if valid is not None:
             epochs.append({"epoch": epoch, "valid": valid, "test": test})
             stage_log(env, STAGE, f"epoch {epoch} valid {_metrics_line(valid)}")
@@ -314,13 +342,18 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
     train_seconds = time.perf_counter() - train_start
 
     best: Optional[Dict[str, Any]] = None
+    test_predictions = None
     if env.is_main and epochs:
         best = max(epochs, key=lambda e: e["valid"][first]["auc"])
         if best["test"] is not None:
             stage_log(env, STAGE, f"best epoch {best['epoch']} test {_metrics_line(best['test'])}")
+            if cfg.results:
+                test_predictions = keep_best_predictions(cfg.results, best["epoch"],
+                                                         [e["epoch"] for e in epochs])
     results = write_results(
         cfg.results, cfg, env, steps=steps, best_epoch=best["epoch"] if best else None,
         valid=best["valid"] if best else None, test=best["test"] if best else None,
+        test_predictions=test_predictions,
         epochs=epochs, train_rows=train_reader.num_rows, train_seconds=train_seconds,
         total_seconds=time.perf_counter() - started, lookups=lookups,
         stores={"iat": str(Path(cfg.iat_store).resolve()) if cfg.iat_store else None,

@@ -190,14 +190,13 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, reader: Any, env: DistEnv,
-             label_names: List[str]) -> Optional[Dict[str, Dict[str, float]]]:
-    """AUC, GAUC and logloss per label of ``model`` over ``reader``'s rows of every rank;
-    returned on rank 0 (None elsewhere)."""
+def predict(model: nn.Module, reader: Any, env: DistEnv) -> Optional[Dict[str, np.ndarray]]:
+    """``model``'s logits over ``reader``'s rows of every rank, gathered on rank 0 (None
+    elsewhere): ``instance_id``, ``users`` [n], ``labels``, ``logits`` [n, num_labels]."""
     was_training = model.training
     model.eval()
     total = all_equal_batches(len(reader), env)
-    logits, labels, users = [], [], []
+    logits, labels, users, ids = [], [], [], []
     for batch in padded(reader, total):
         batch = batch.to(env.device)
         _, (_, out, y) = model(batch)
@@ -205,12 +204,26 @@ def evaluate(model: nn.Module, reader: Any, env: DistEnv,
         logits.append(out[keep].float().cpu().numpy())
         labels.append(y[keep].cpu().numpy())
         users.append(batch.user_id[keep].cpu().numpy())
+        ids.append(batch.instance_id[keep].cpu().numpy())
     model.train(was_training)
-    mine = {"logits": np.concatenate(logits), "labels": np.concatenate(labels),
-            "users": np.concatenate(users)}
+    mine = {"instance_id": np.concatenate(ids), "users": np.concatenate(users),
+            "labels": np.concatenate(labels), "logits": np.concatenate(logits)}
     parts = gather_arrays(mine, env)
     if parts is None:
         return None
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in mine}
-    return {name: ranking_metrics(cat["labels"][:, j], cat["logits"][:, j], cat["users"])
+    return {k: np.concatenate([p[k] for p in parts]) for k in mine}
+
+
+def prediction_metrics(pred: Dict[str, np.ndarray], label_names: List[str]
+                       ) -> Dict[str, Dict[str, float]]:
+    """AUC, GAUC and logloss per label of :func:`predict`'s output."""
+    return {name: ranking_metrics(pred["labels"][:, j], pred["logits"][:, j], pred["users"])
             for j, name in enumerate(label_names)}
+
+
+def evaluate(model: nn.Module, reader: Any, env: DistEnv,
+             label_names: List[str]) -> Optional[Dict[str, Dict[str, float]]]:
+    """AUC, GAUC and logloss per label of ``model`` over ``reader``'s rows of every rank;
+    returned on rank 0 (None elsewhere)."""
+    pred = predict(model, reader, env)
+    return None if pred is None else prediction_metrics(pred, label_names)
