@@ -1,6 +1,6 @@
 """Ranks read only their share: the row_groups partition of the temporal and shuffled orders
-(each rank decodes its row groups, keys included, and holds keys of its rows only), its equal
-step counts, and the user order over 2 and 3 ranks."""
+(each rank decodes its row groups, keys included, and holds keys of its rows only) against the
+steps dealing (the default), its equal step counts, and the user order over 2 and 3 ranks."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def log_dir(tmp_path_factory) -> Path:
                      row_group_size=GROUP)
 
 
-def _reader(path, order, rank, world_size, **cfg) -> InstanceLogReader:
-    config = ReaderConfig(batch_size=BATCH, order=ReadOrder(order), **cfg)
+def _reader(path, order, rank, world_size, partition=Partition.ROW_GROUPS,
+            **cfg) -> InstanceLogReader:
+    config = ReaderConfig(batch_size=BATCH, order=ReadOrder(order), partition=partition, **cfg)
     return InstanceLogReader(path, config=config, rank=rank, world_size=world_size)
 
 
@@ -122,8 +123,7 @@ def test_drop_last_gives_equal_full_batches(log_dir, world_size):
 @pytest.mark.parametrize("order", list(ReadOrder))
 def test_one_process_reads_the_same_under_both_partitions(log_dir, order):
     for reverse in (False, True):
-        got = [_ids(list(_reader(log_dir, order, 0, 1, reverse=reverse, partition=p)))
-               for p in Partition]
+        got = [_ids(list(_reader(log_dir, order, 0, 1, p, reverse=reverse))) for p in Partition]
         assert np.array_equal(*got) and got[0].size == N
 
 
@@ -164,4 +164,4 @@ def test_user_order_keeps_every_user_on_one_rank(log_dir, world_size):
 
 def test_unknown_partition_is_an_error(log_dir):
     with pytest.raises(ValueError, match="unknown partition 'pages'"):
-        _reader(log_dir, "temporal", 0, 2, partition="pages")
+        _reader(log_dir, "temporal", 0, 2, "pages")

@@ -10,26 +10,29 @@ Orders (:class:`ReadOrder`):
 
 Partitions of the ``temporal`` and ``shuffled`` orders over ranks (:class:`Partition`):
 
-- ``row_groups`` (default): whole Parquet row groups are dealt to ranks in file order, each to
-  the rank with the fewest rows so far; the last rows (under one row group per rank) are cut into
-  one contiguous range per rank (:func:`deal_row_groups`). A rank decodes only its row groups,
-  keys included: at most two row groups more than its share. Each rank emits its own rows in the
+- ``steps`` (default): global steps of ``world_size * batch_size`` rows of the one global order
+  are dealt to ranks batch by batch, so a step's batches are consecutive in that order
+  (interleaving the ranks' batches restores it) and W processes with batch B take the steps of
+  one process with batch W * B: training does not depend on the process count. The price: every
+  rank decodes every row group, and (temporal) plans from the keys of the whole log.
+- ``row_groups``: whole Parquet row groups are dealt to ranks in file order, each to the rank
+  with the fewest rows so far; the last rows (under one row group per rank) are cut into one
+  contiguous range per rank (:func:`deal_row_groups`). A rank decodes only its row groups, keys
+  included: at most two row groups more than its share. Each rank emits its own rows in the
   order, so ranks stay within about ``world_size`` row groups of each other in the log (in time,
-  for a log stored in time order) and a synchronous step's batches come from neighbouring row
-  groups, not from one global time slice; shuffled, each rank permutes its own rows.
-- ``steps``: global steps of ``world_size * batch_size`` rows of the one global order are dealt
-  to ranks batch by batch, so a step's batches are consecutive in time (interleaving the ranks'
-  batches restores the global order), at the price of every rank reading every row group and
-  (temporal) the keys of the whole log.
+  for a log stored in time order), and a synchronous step's batches come from neighbouring row
+  groups, not from one slice of the global order; shuffled, each rank permutes its own rows.
+  Steps then differ from a one-process run's (same rows, other batches).
 
 Both give every rank ``N // world_size`` rows, the first ``N % world_size`` ranks one more
 (``drop_last``: ``(N // (world_size * batch_size)) * batch_size`` rows each, full batches only),
 so batch counts differ by at most one, in the final step (the training loop pads it). One
 process reads the same rows in the same order under both. Every row is read by exactly one rank.
 
-Memory stays bounded by this rank's share, whatever the log size: a plan of 8 bytes per row of
-the rank (plus, while planning, 16 bytes per row of its keys; user order: about 32 per row of
-the rank and 32 per user of the log), plus at most one chunk of ``chunk_rows`` rows. When the
+Memory: a plan of 8 bytes per row of the rank, plus at most one chunk of ``chunk_rows`` rows,
+plus while planning: ``row_groups``, 16 bytes per row of the rank's keys; user order, about 32
+per row of the rank and 32 per user of the log; ``steps``, the keys of the whole log (temporal,
+24 bytes a row) or a permutation of it (shuffled, 8 bytes a row). When the
 plan follows the order the rows are stored in (temporal order of a log written in time order,
 the normal case), row groups are streamed directly. Otherwise one pass scatters this rank's rows
 into temporary Arrow files of one chunk each (an external shuffle, ``tmp_dir``), which are then
@@ -74,8 +77,8 @@ class ReadOrder(str, enum.Enum):
 class Partition(str, enum.Enum):
     """How the temporal and shuffled orders are split over ranks (the module docstring)."""
 
-    ROW_GROUPS = "row_groups"
     STEPS = "steps"
+    ROW_GROUPS = "row_groups"
 
 
 @dataclasses.dataclass
@@ -93,10 +96,10 @@ class ReaderConfig:
     reverse: bool = dataclasses.field(default=False, metadata={
         "help": "user order: users in reverse order (each user's rows stay in time order); "
                 "temporal: newest first"})
-    partition: Partition = dataclasses.field(default=Partition.ROW_GROUPS, metadata={
-        "help": "temporal / shuffled over ranks: row_groups (each rank decodes only its row "
-                "groups) | steps (global steps dealt batch by batch: the global order across "
-                "ranks, every rank decodes every row group)"})
+    partition: Partition = dataclasses.field(default=Partition.STEPS, metadata={
+        "help": "temporal / shuffled over ranks: steps (global steps dealt batch by batch: "
+                "independent of the process count, every rank decodes every row group) | "
+                "row_groups (each rank decodes and plans from only its row groups)"})
 
 
 def hash_ids(ids: np.ndarray, num_buckets: int) -> np.ndarray:
