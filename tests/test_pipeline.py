@@ -300,6 +300,10 @@ def test_pipeline_end_to_end_writes_a_table_a_person_can_read(e2e):
         assert [r["variant"] for r in csv.DictReader(f)] == [r["variant"] for r in table]
     md = (run / "results.md").read_text()
     assert "| IAT user-order |" in md and "3,000 instances" in md
+    # The built-in synthetic data: the oracle AUCs of the same test samples, under the table.
+    oracle = summary["datasets"]["synthetic"]["oracle"]
+    assert 0.5 < oracle["static"] < oracle["bayes"] < 1.0
+    assert f"Bayes (true logit) {oracle['bayes']:.4f}" in md
     assert (run / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logs = {p.name for p in (run / "logs").glob("*.log")}
     assert {"synthetic__data.log", "synthetic__seed0__iat_user.log", "synthetic__seed0__sif.log",

@@ -787,17 +787,20 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def oracle_auc(config: SyntheticConfig) -> Dict[str, float]:
+def oracle_auc(config: SyntheticConfig, instance_ids: Optional[np.ndarray] = None
+               ) -> Dict[str, float]:
     """AUCs of oracle scores on the generated labels: ``bayes`` (the true logit), ``no_drift``
     (the true logit without the drifting user x context term: the best a model blind to recent
     same-context history can hope for), ``static`` (user/item biases and affinity only), and the
-    data's ``ctr``."""
+    data's ``ctr``; over every row, or over the rows of ``instance_ids`` (e.g. a test split)."""
     ys, full, nodrift, static = [], [], [], []
     for table, t in iter_tables_with_truth(config):
-        ys.append(table.column(LABEL).to_numpy())
-        full.append(t["logit"])
-        nodrift.append(t["logit"] - t["user_context_drift"])
-        static.append(t["user_item"])
+        keep = (np.ones(table.num_rows, dtype=bool) if instance_ids is None else
+                np.isin(table.column("instance_id").to_numpy(), instance_ids))
+        ys.append(table.column(LABEL).to_numpy()[keep])
+        full.append(t["logit"][keep])
+        nodrift.append(t["logit"][keep] - t["user_context_drift"][keep])
+        static.append(t["user_item"][keep])
     y = np.concatenate(ys)
     return {"bayes": _auc(y, np.concatenate(full)),
             "no_drift": _auc(y, np.concatenate(nodrift)),

@@ -15,6 +15,11 @@ bootstrap interval over test users (:func:`~iat_torchrec.train.metrics.bootstrap
 runs' test predictions: each resample draws the test users with replacement and scores the
 variant and the baseline on the same draw). A gain whose interval holds zero is marked
 ``n.s.`` in the Markdown, the CSV (``*_gain_significant``) and the plot (hatched bar).
+
+On the built-in synthetic data (a log whose provenance is the generator) the oracle AUCs of
+the same test samples (:func:`~iat_torchrec.data.synthetic.oracle_auc`: the true logit, without
+the drifting user x context term, user / item part only) are printed under the table and drawn
+as lines on the plot: what the data allows.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from iat_torchrec.atomic import atomic_output
-from iat_torchrec.data.log import validate_log
+from iat_torchrec.config import from_dict
+from iat_torchrec.data.log import read_provenance, validate_log
 from iat_torchrec.data.spec import FeatureSpec
+from iat_torchrec.data.synthetic import SyntheticConfig, oracle_auc
 from iat_torchrec.train.metrics import bootstrap_gain
-from iat_torchrec.train.predictions import aligned_logits
+from iat_torchrec.train.predictions import aligned_logits, read_predictions
 
 METRICS = ("auc", "gauc", "logloss")
 # Per run, averaged over seeds.
@@ -89,8 +96,26 @@ def load_runs(index: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
                                       "steps": saved.get("steps"),
                                       "train_seconds": saved.get("train_seconds")})
         datasets[name] = {"name": name, "rows": validate_log(entry["log"]).rows,
-                          "label": label, "baseline": index.get("baseline"), "runs": runs}
+                          "label": label, "baseline": index.get("baseline"), "runs": runs,
+                          "oracle": test_oracle(entry["log"], runs, label)}
     return datasets
+
+
+ORACLES = {"bayes": "Bayes (true logit)", "no_drift": "without the drifting user x context term",
+           "static": "user / item part only"}
+
+
+def test_oracle(log: str, runs: Dict[str, List[Dict[str, Any]]], label: str
+                ) -> Optional[Dict[str, float]]:
+    """The oracle AUCs (:data:`ORACLES`) on the runs' test samples when the log is the built-in
+    synthetic data, else None."""
+    provenance = read_provenance(log)
+    paths = [r["test_predictions"] for rs in runs.values() for r in rs if r["test_predictions"]]
+    if not provenance or provenance.get("source") != "synthetic" or not paths:
+        return None
+    config = from_dict(SyntheticConfig, provenance["config"])
+    oracle = oracle_auc(config, read_predictions(paths[0], label)["instance_id"])
+    return {k: oracle[k] for k in ORACLES}
 
 
 def last_epoch_gain(results: Dict[str, Any], label: str) -> Optional[float]:
@@ -191,6 +216,9 @@ def markdown(dataset: Dict[str, Any], rows: List[Dict[str, Any]], confidence: fl
                      f"{r['logloss_mean']:.4f} +- {r['logloss_std']:.4f} | "
                      f"{_gain(r, 'auc')} | {_gain(r, 'gauc')} | "
                      f"{r['steps']:,.0f} | {r['best_epoch']:.1f} | {r['train_seconds']:.1f} |")
+    if dataset.get("oracle"):
+        lines += ["", "Oracle AUCs on these test samples (what the data allows): " + "; ".join(
+            f"{text} {dataset['oracle'][k]:.4f}" for k, text in ORACLES.items()) + "."]
     gains = [r for r in rows if r["last_epoch_gain"] == r["last_epoch_gain"]]
     if gains:
         top = max(gains, key=lambda r: r["last_epoch_gain"])
@@ -216,7 +244,8 @@ def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
         t.write_text(buf.getvalue())
 
 
-def write_plot(path: Path, tables: Dict[str, List[Dict[str, Any]]], baseline: str) -> None:
+def write_plot(path: Path, tables: Dict[str, List[Dict[str, Any]]], baseline: str,
+               oracles: Dict[str, Optional[Dict[str, float]]]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -241,6 +270,13 @@ def write_plot(path: Path, tables: Dict[str, List[Dict[str, Any]]], baseline: st
         ax.set_xticklabels([r["variant"] for r in rows], rotation=35, ha="right", fontsize=8)
         lo = min(m - r["auc_std"] for m, r in zip(means, rows))
         hi = max(m + r["auc_std"] for m, r in zip(means, rows))
+        for (k, text), style in zip(ORACLES.items(), ("-", "--", ":")):
+            if oracles.get(name):  # what the data allows
+                ax.axhline(oracles[name][k], color="tab:red", linestyle=style, linewidth=1,
+                           label=f"oracle: {text}")
+                lo, hi = min(lo, oracles[name][k]), max(hi, oracles[name][k])
+        if oracles.get(name):
+            ax.legend(fontsize=7, loc="lower right")
         pad = max(0.005, 0.1 * (hi - lo))
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_ylabel(f"test AUC (mean +- std over seeds); gain vs {baseline}, "
@@ -272,7 +308,8 @@ def run_evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
     with atomic_output(out / "results.md", overwrite=True) as t:
         t.write_text(text + "\n")
     write_csv(out / "results.csv", [r for rows in tables.values() for r in rows])
-    write_plot(out / "results.png", tables, index.get("baseline"))
+    write_plot(out / "results.png", tables, index.get("baseline"),
+               {n: datasets[n]["oracle"] for n in datasets})
     summary = {"datasets": {n: {**datasets[n], "table": tables[n]} for n in datasets}}
     with atomic_output(out / "summary.json", overwrite=True) as t:
         t.write_text(json.dumps(summary, indent=2, default=str) + "\n")
