@@ -21,6 +21,7 @@ from torchx.specs import AppState
 from conftest import small_splits
 from iat_torchrec.config import parse_config
 from iat_torchrec.data.log import InstanceLogError, log_files
+from iat_torchrec.distributed.plan import PlanConfig, run_plan
 from iat_torchrec.stages import train as train_stage
 from iat_torchrec.stages.compress import CompressConfig, run_compress
 from iat_torchrec.stages.train import TrainDownstreamConfig, TrainInputError, run_train
@@ -90,6 +91,27 @@ def test_sources_train_and_report_valid_and_test(world, tmp_path, source, intera
           f"{saved['valid']['click']['gauc']:.4f}  test auc {saved['test']['click']['auc']:.4f} "
           f"gauc {saved['test']['click']['gauc']:.4f} logloss "
           f"{saved['test']['click']['logloss']:.4f}")
+
+
+def test_a_saved_plan_shards_the_tables_as_planned(world, tmp_path):
+    """apps/plan.py's plan of this feature spec (1 CPU process, table-wise) taken by the train
+    stage: the same metrics as planning on the live process group; a plan for another world
+    size is refused naming the file."""
+    plan = tmp_path / "plan.json"
+    run_plan(parse_config(PlanConfig, [
+        "--model.spec", str(world["splits"]["train"]), "--model.spec_dim", "8",
+        "--cluster.hosts", "1", "--cluster.devices_per_host", "1", "--cluster.device", "cpu",
+        "--planner.sharding_types", "table_wise", "--out", str(plan)]))
+    planned = run_train(parse_config(TrainDownstreamConfig, _args(world, "none")))
+    saved = run_train(parse_config(TrainDownstreamConfig, _args(
+        world, "none", "--sharding.plan_file", str(plan))))
+    assert saved["test"] == planned["test"]
+    other = json.loads(plan.read_text())
+    other["world_size"] = 2
+    (tmp_path / "two.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="two.json: planned for 2 cpu processes"):
+        run_train(parse_config(TrainDownstreamConfig, _args(
+            world, "none", "--sharding.plan_file", str(tmp_path / "two.json"))))
 
 
 def test_two_processes_through_the_component_match_one(world, tmp_path, monkeypatch):

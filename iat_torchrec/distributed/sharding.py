@@ -11,16 +11,20 @@ with nccl: the device is a parameter.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Tuple
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torch.distributed.tensor import DTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingType
+from torchrec.distributed.types import (CacheParams, EmbeddingModuleShardingPlan,
+                                        ParameterSharding, ShardingPlan, ShardingType)
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -59,6 +63,10 @@ class ShardingConfig:
         "help": "learning rate of the fused table optimizer"})
     dense_lr: float = dataclasses.field(default=1e-3, metadata={
         "help": "learning rate of Adam on the dense parameters"})
+    plan_file: str = dataclasses.field(default="", metadata={
+        "help": "a sharding plan saved by apps/plan.py --out (planned for this run's feature "
+                "spec, world size and device): its tables' shardings are used instead of "
+                "planning; empty: TorchRec's planner plans on the live process group"})
 
 
 # The table optimizers: the torch / torchrec class TorchRec maps to an FBGEMM kernel. FBGEMM's
@@ -104,25 +112,67 @@ def shard_model(model: nn.Module, env: DistEnv, config: ShardingConfig, batch_si
         raise ValueError(f"sparse_optimizer {config.sparse_optimizer} has no fused CPU kernel in "
                          f"FBGEMM (CPU: {list(CPU_FUSED_OPTIMIZERS)}); on CPU use it with "
                          "sharding_types data_parallel")
-    tables: List[str] = []
-    for module in model.modules():
+    tables: Dict[str, List[str]] = {}  # module path -> its tables
+    for path, module in model.named_modules():
         if isinstance(module, EmbeddingBagCollection):
             apply_optimizer_in_backward(SPARSE_OPTIMIZERS[config.sparse_optimizer],
                                         module.parameters(), {"lr": config.sparse_lr})
-            tables += [t.name for t in module.embedding_bag_configs()]
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=env.world_size, local_world_size=env.world_size
-                          if env.device.type == "cpu" else torch.cuda.device_count(),
-                          compute_device=env.device.type),
-        batch_size=batch_size,
-        constraints=planner_constraints(tables, config, env.device),
-        debug=False,
-    )
-    plan = planner.collective_plan(model, get_default_sharders(), dist.GroupMember.WORLD)
+            tables[path] = [t.name for t in module.embedding_bag_configs()]
+    if config.plan_file:
+        plan = saved_plan(config.plan_file, tables, env)
+    else:
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=env.world_size, local_world_size=env.world_size
+                              if env.device.type == "cpu" else torch.cuda.device_count(),
+                              compute_device=env.device.type),
+            batch_size=batch_size,
+            constraints=planner_constraints([t for ts in tables.values() for t in ts], config,
+                                            env.device),
+            debug=False,
+        )
+        plan = planner.collective_plan(model, get_default_sharders(), dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=model, device=env.device, plan=plan)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   lambda params: torch.optim.Adam(params, lr=config.dense_lr))
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+def parameter_sharding(entry: Dict[str, Any]) -> ParameterSharding:
+    """TorchRec's ``ParameterSharding`` of one table of a saved plan (``apps/plan.py --out``:
+    sharding type, kernel, ranks, shards with offsets / sizes / placement, cache load
+    factor)."""
+    spec = None
+    if entry["shards"]:
+        spec = EnumerableShardingSpec([ShardMetadata(s["offsets"], s["sizes"], s["placement"])
+                                       for s in entry["shards"]])
+    cache = entry.get("cache_load_factor")
+    return ParameterSharding(sharding_type=entry["sharding_type"],
+                             compute_kernel=entry["compute_kernel"], ranks=entry["ranks"],
+                             sharding_spec=spec,
+                             cache_params=None if cache is None else CacheParams(
+                                 load_factor=cache))
+
+
+def saved_plan(path: str, tables: Dict[str, List[str]], env: DistEnv) -> ShardingPlan:
+    """The sharding plan of ``tables`` (module path -> table names) from a plan saved by
+    ``apps/plan.py --out``; a plan for another world size or device, or one that does not
+    place every table, is refused naming the file."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        entries = {t["name"]: t for t in saved["tables"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a sharding plan of apps/plan.py --out ({e})") from None
+    if saved.get("world_size") != env.world_size or saved.get("compute_device") != \
+            env.device.type:
+        raise ValueError(f"{path}: planned for {saved.get('world_size')} "
+                         f"{saved.get('compute_device')} processes, this run has "
+                         f"{env.world_size} {env.device.type}")
+    missing = [t for ts in tables.values() for t in ts if t not in entries]
+    if missing:
+        raise ValueError(f"{path}: no sharding for table(s) {missing[:5]} (plan this run's "
+                         "feature spec: apps/plan.py --model.spec <log>/feature_spec.json)")
+    return ShardingPlan({module: EmbeddingModuleShardingPlan(
+        {t: parameter_sharding(entries[t]) for t in names}) for module, names in tables.items()})
 
 
 def copy_full_state(dmp: DistributedModelParallel, full: Dict[str, torch.Tensor]) -> None:
