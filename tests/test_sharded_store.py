@@ -2,7 +2,7 @@
 range, rows kept as stored (int8 stays int8), lookups bit-identical to the whole store in one
 process; and the downstream stage on 2 processes (IAT on an int8 store; SIF-Mixer over those
 tokens and HGAQ codes) trains with them by default, each process holding half of each store,
-with the metrics of 2 processes that each hold the whole stores."""
+with the metrics of 1 process holding the whole stores."""
 
 from __future__ import annotations
 
@@ -24,13 +24,14 @@ from iat_torchrec.config import parse_config
 from iat_torchrec.stages.assemble import AssembleConfig, assemble_history
 from iat_torchrec.stages.compress import CompressConfig, run_compress
 from iat_torchrec.stages.tokenize import TokenizeConfig, run_tokenize
+from iat_torchrec.stages.train import TrainDownstreamConfig, run_train
 from iat_torchrec.tokens.lookup import (InstanceTokenLookup, LookupConfig, SampleCodeLookup,
                                         ShardedInstanceTokenLookup, ShardedSampleCodeLookup,
                                         TokenLookupError, make_code_lookup, make_token_lookup,
                                         row_bounds)
 from iat_torchrec.tokens.store import TokenStore
 from test_lookup import D, N, build, random_ids
-from test_train import METRICS, SMALL_SOURCE
+from test_train import METRICS, SMALL_MODEL, SMALL_SOURCE
 from torchx_components import components
 
 DTYPES = ("fp32", "fp16", "int8")
@@ -134,7 +135,7 @@ def int8_world(tmp_path_factory):
         dist.destroy_process_group()
 
 
-# test_train's SMALL_MODEL as the train component's arguments, on 2 processes.
+# SMALL_MODEL as the train component's arguments, 2 processes with half the batch each.
 SMALL_COMPONENT = {
     "model.embedding_dim": 8, "model.dense_arch_layers": [16], "model.over_arch_layers": [16, 8],
     "model.mixer.d0": 8, "model.mixer.num_blocks": 1, "model.mixer.num_heads": 2,
@@ -156,10 +157,10 @@ def train_on_two(args: dict, out: Path) -> dict:
 
 @pytest.mark.parametrize("source, interaction, stores", [("iat", "dot", ("iat",)),
                                                          ("sif_both", "mixer", ("iat", "sif"))])
-def test_two_processes_shard_the_stores_and_train_as_with_whole_stores(
-        int8_world, tmp_path, monkeypatch, source, interaction, stores):
+def test_two_processes_shard_the_stores_and_match_one(int8_world, tmp_path, monkeypatch,
+                                                      source, interaction, stores):
     """2 processes, the lookup left at its default: each holds half of each store (the int8
-    tokens still int8), and the metrics are those of 2 processes holding the whole stores."""
+    tokens still int8), and the metrics are those of 1 process holding the whole stores."""
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     s, h = int8_world["splits"], int8_world["history"]
     args = {"train_log": s["train"], "valid_log": s["valid"], "test_log": s["test"],
@@ -167,32 +168,32 @@ def test_two_processes_shard_the_stores_and_train_as_with_whole_stores(
             **{f"{k}_store": int8_world[k] for k in stores}}
     args = {**{k: str(v) for k, v in args.items()}, "model.history_source": source,
             "model.interaction": interaction}
-    sharded = train_on_two(args, tmp_path / "sharded")
-    whole = train_on_two({**args, "lookup.sharding": "none"}, tmp_path / "whole")
-    assert sharded["world_size"] == whole["world_size"] == 2
-    assert sharded["config"]["lookup"]["sharding"] == "auto"
-    diffs = [abs(sharded[split]["click"][k] - whole[split]["click"][k])
+    one = run_train(parse_config(TrainDownstreamConfig, [
+        *(a for k, v in args.items() for a in (f"--{k}", v)), *SMALL_MODEL]))
+    two = train_on_two(args, tmp_path)
+    assert two["world_size"] == 2 and two["config"]["lookup"]["sharding"] == "auto"
+    diffs = [abs(two[split]["click"][k] - one[split]["click"][k])
              for split in ("valid", "test") for k in METRICS]
     assert max(diffs) < 1e-6, diffs
-    # Each process holds the whole of each store, or its half of it as stored.
+    # One process holds each whole store; each of two holds its half, as stored.
     kinds = {"iat": ("tokens", "InstanceTokenLookup", "ShardedInstanceTokenLookup"),
              "sif": ("codes", "SampleCodeLookup", "ShardedSampleCodeLookup")}
-    assert sorted(sharded["lookups"]) == sorted(kinds[k][0] for k in stores)
+    assert sorted(two["lookups"]) == sorted(kinds[k][0] for k in stores)
     report = []
     for k in stores:
-        what, one_piece, in_ranges = kinds[k]
+        what, whole, sharded = kinds[k]
         store = TokenStore.open(int8_world[k])
         rows, table = store.num_rows, store.num_rows * store.row_bytes
-        assert whole["lookups"][what] == {"lookup": one_piece, "table_rows": rows,
-                                          "table_bytes": table, "rows_per_rank": [rows] * 2,
-                                          "bytes_per_rank": [table] * 2}
-        held = sharded["lookups"][what]
+        assert one["lookups"][what] == {"lookup": whole, "table_rows": rows,
+                                        "table_bytes": table, "rows_per_rank": [rows],
+                                        "bytes_per_rank": [table]}
+        held = two["lookups"][what]
         b = row_bounds(rows, 2, "row_wise")
-        assert held["lookup"] == in_ranges and held["table_rows"] == rows
+        assert held["lookup"] == sharded and held["table_rows"] == rows
         assert held["rows_per_rank"] == [b[1] - b[0], b[2] - b[1]]
         assert all(r < rows for r in held["rows_per_rank"]) and sum(held["rows_per_rank"]) == rows
         assert held["bytes_per_rank"] == [r * store.row_bytes for r in held["rows_per_rank"]]
         report.append(f"{what} ({store.dtype}, {rows:,} rows): bytes per process "
-                      f"{held['bytes_per_rank']} against {[table] * 2}")
+                      f"{held['bytes_per_rank']}, {table:,} in one process")
     assert TokenStore.open(int8_world["iat"]).dtype == "int8"
     print(f"{source}: " + "; ".join(report) + f"; metrics differ by at most {max(diffs):.2g}")
