@@ -1,6 +1,7 @@
 """Ranks read only their share: the row_groups partition of the temporal and shuffled orders
-(each rank decodes its row groups, keys included, and holds keys of its rows only) against the
-steps dealing (the default), its equal step counts, and the user order over 2 and 3 ranks."""
+(each rank decodes its row groups, keys included, and plans in memory that scales with its
+share) against the steps dealing (the default), equal step counts, a log stored out of time
+order, and the user order over 2 and 3 ranks."""
 
 from __future__ import annotations
 
@@ -21,11 +22,24 @@ from iat_torchrec.data.reader import (InstanceLogReader, Partition, ReaderConfig
 N, GROUP, BATCH = 10_000, 1_000, 128
 
 
+def _table(time_ordered: bool) -> pa.Table:
+    """The log's rows: stored in (ts, instance_id) order, or in a random order."""
+    table = pa.table(tiny_columns(n=N, seed=2, users=60))
+    keys = (table["instance_id"].to_numpy(), table["ts"].to_numpy())
+    order = np.lexsort(keys) if time_ordered else np.random.default_rng(0).permutation(N)
+    return table.take(pa.array(order))
+
+
 @pytest.fixture(scope="module")
 def log_dir(tmp_path_factory) -> Path:
     # Files of 3,500 rows: row groups of 1,000, 1,000, 1,000 and 500 rows.
-    return write_log(pa.table(tiny_columns(n=N, seed=2, users=60)),
-                     tmp_path_factory.mktemp("log") / "log", tiny_spec(), rows_per_file=3_500,
+    return write_log(_table(True), tmp_path_factory.mktemp("log") / "log", tiny_spec(),
+                     rows_per_file=3_500, row_group_size=GROUP)
+
+
+@pytest.fixture(scope="module")
+def unordered_log(tmp_path_factory) -> Path:
+    return write_log(_table(False), tmp_path_factory.mktemp("log") / "log", tiny_spec(),
                      row_group_size=GROUP)
 
 
@@ -73,9 +87,12 @@ def test_each_rank_decodes_only_its_share(log_dir, order, world_size):
         assert len(reader) == len(batches)
         assert share <= reader.rows_decoded <= share + 2 * GROUP
         assert reader.rows_decoded <= N / world_size + 0.2 * N  # far below the log
-        # Keys: temporal reads them for its own row groups only, shuffled needs none.
+        # Keys: temporal checks the order of its own row groups' (streamed: the log is stored
+        # in time order), shuffled needs none.
         assert reader.key_rows_decoded == (reader.rows_decoded if order == "temporal" else 0)
-    # The old dealing decodes every row group on every rank, and the keys of the whole log.
+        assert order == "shuffled" or np.array_equal(reader.plan(), np.sort(reader.plan()))
+    # The steps dealing decodes every row group on every rank, and (temporal) checks the order
+    # of the whole log's keys.
     old = _reader(log_dir, order, 0, world_size, partition=Partition.STEPS)
     list(old)
     assert old.rows_decoded == N
@@ -86,14 +103,30 @@ def test_ranks_move_through_time_together(log_dir):
     """Temporal: each rank streams its rows in time order (no reordering pass for a log
     stored in time order), and a step's batches lie within a few row groups of each other."""
     per_rank = [list(_reader(log_dir, "temporal", r, 2)) for r in range(2)]
-    position = {int(i): k for k, i in enumerate(tiny_columns(n=N, seed=2,
-                                                              users=60)["instance_id"])}
+    position = {int(i): k for k, i in enumerate(_table(True)["instance_id"].to_pylist())}
     for batches in per_rank:
         ts = np.concatenate([b.ts.numpy() for b in batches])
         assert (np.diff(ts) >= 0).all()
     for step in zip(*per_rank):
         centres = [np.mean([position[int(i)] for i in b.instance_id]) for b in step]
         assert max(centres) - min(centres) <= 2 * GROUP
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_log_stored_out_of_time_order(unordered_log, world_size):
+    """Temporal over a log not stored in time order: each rank sorts its own rows (their keys
+    read once more after the order check fails), every row still read once."""
+    readers = [_reader(unordered_log, "temporal", r, world_size) for r in range(world_size)]
+    ids = []
+    for reader in readers:
+        batches = list(reader)
+        ts = np.concatenate([b.ts.numpy() for b in batches])
+        assert (np.diff(ts) >= 0).all()
+        ids.append(_ids(batches))
+        assert reader.rows_decoded <= reader.rank_rows + 2 * GROUP
+        assert reader.key_rows_decoded <= 2 * reader.rows_decoded
+    ids = np.concatenate(ids)
+    assert ids.size == N and np.unique(ids).size == N
 
 
 def test_shuffled_epochs_permute_the_same_rows(log_dir):
@@ -127,20 +160,27 @@ def test_one_process_reads_the_same_under_both_partitions(log_dir, order):
         assert np.array_equal(*got) and got[0].size == N
 
 
-def test_keys_held_while_planning_are_bounded_by_the_share(log_dir):
-    """The arrays made while planning (keys, order, plan) scale with the rank's rows: with 3
-    ranks well under the 24 bytes per row of the log's keys that the steps dealing reads."""
-    def peak(reader: InstanceLogReader) -> int:
+def test_planning_memory_is_bounded_by_the_share(log_dir, unordered_log):
+    """The NumPy arrays made while planning (tracemalloc's peak) scale with the rank's share
+    under row_groups; under steps too for a log stored in time order, but not for one stored
+    out of order (the whole log's keys, 24 bytes a row) nor shuffled (a permutation of the
+    whole log, 8 bytes a row)."""
+    share = rank_row_count(N, BATCH, 0, 3, False)
+
+    def peak(path: Path, order: str, partition: Partition) -> int:
+        reader = _reader(path, order, 0, 3, partition)
         tracemalloc.start()
         reader.plan()
         size = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return size
 
-    new = _reader(log_dir, "temporal", 0, 3)
-    old = _reader(log_dir, "temporal", 0, 3, partition=Partition.STEPS)
-    share = new.rank_rows
-    assert peak(new) < 40 * (share + 2 * GROUP) < 24 * N <= peak(old)
+    for path in (log_dir, unordered_log):
+        assert peak(path, "temporal", Partition.ROW_GROUPS) < 48 * share < 24 * N
+        assert peak(path, "shuffled", Partition.ROW_GROUPS) < 32 * share
+    assert peak(log_dir, "temporal", Partition.STEPS) < 32 * share
+    assert peak(unordered_log, "temporal", Partition.STEPS) >= 24 * N
+    assert peak(log_dir, "shuffled", Partition.STEPS) >= 8 * N
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -14,7 +14,7 @@ Partitions of the ``temporal`` and ``shuffled`` orders over ranks (:class:`Parti
   are dealt to ranks batch by batch, so a step's batches are consecutive in that order
   (interleaving the ranks' batches restores it) and W processes with batch B take the steps of
   one process with batch W * B: training does not depend on the process count. The price: every
-  rank decodes every row group, and (temporal) plans from the keys of the whole log.
+  rank decodes every row group (temporal: the keys of the whole log too, to check their order).
 - ``row_groups``: whole Parquet row groups are dealt to ranks in file order, each to the rank
   with the fewest rows so far; the last rows (under one row group per rank) are cut into one
   contiguous range per rank (:func:`deal_row_groups`). A rank decodes only its row groups, keys
@@ -29,15 +29,21 @@ Both give every rank ``N // world_size`` rows, the first ``N % world_size`` rank
 so batch counts differ by at most one, in the final step (the training loop pads it). One
 process reads the same rows in the same order under both. Every row is read by exactly one rank.
 
+Temporal order first checks, from the keys read one row group at a time and not held, whether
+the rows are stored in (ts, instance_id) order (a log written in time order, the normal case):
+then the plan is made without keys and the row groups are streamed directly. Otherwise the rows
+are sorted by their keys (row_groups: the rank's; steps: the whole log's). A plan that does not
+follow the stored order (shuffled, user, newest first, a log stored out of time order) takes one
+pass that scatters the rank's rows into temporary Arrow files of one chunk each (an external
+shuffle, ``tmp_dir``), read back chunk by chunk.
+
 Memory: a plan of 8 bytes per row of the rank, plus at most one chunk of ``chunk_rows`` rows,
-plus while planning: ``row_groups``, 16 bytes per row of the rank's keys; user order, about 32
-per row of the rank and 32 per user of the log; ``steps``, the keys of the whole log (temporal,
-24 bytes a row) or a permutation of it (shuffled, 8 bytes a row). When the
-plan follows the order the rows are stored in (temporal order of a log written in time order,
-the normal case), row groups are streamed directly. Otherwise one pass scatters this rank's rows
-into temporary Arrow files of one chunk each (an external shuffle, ``tmp_dir``), which are then
-read back chunk by chunk. ``rows_decoded`` and ``key_rows_decoded`` count the rows of the row
-groups decoded for batches and for planning.
+plus while planning about 8-16 bytes per row of the rank, and: ``row_groups`` over a log stored
+out of time order, 16 per row of the rank (its keys); user order, about 24 per row of the rank
+and 32 per user of the log; ``steps``, the keys of the whole log (temporal over a log stored out
+of time order, 24 bytes a row) or a permutation of it (shuffled, 8 bytes a row).
+``rows_decoded`` and ``key_rows_decoded`` count the rows of the row groups decoded for batches
+and for planning.
 """
 
 from __future__ import annotations
@@ -115,17 +121,24 @@ def hash_ids(ids: np.ndarray, num_buckets: int) -> np.ndarray:
     return (x % np.uint64(num_buckets)).astype(np.int64)
 
 
-def _deal_steps(order: np.ndarray, batch_size: int, rank: int, world_size: int,
-                drop_last: bool) -> np.ndarray:
-    """Rank ``rank``'s rows when global steps of ``world_size * batch_size`` rows are dealt to
-    ranks batch by batch; the last partial step is split evenly (or dropped)."""
+def dealt_positions(num_rows: int, batch_size: int, rank: int, world_size: int,
+                    drop_last: bool) -> np.ndarray:
+    """The positions in a global order of ``num_rows`` rows that rank ``rank`` takes when global
+    steps of ``world_size * batch_size`` rows are dealt to ranks batch by batch; the last partial
+    step is split evenly (or dropped). Made without the global order (memory: the rank's rows).
+
+    Example: 10 rows, batch 2, 2 ranks: rank 0 [0, 1, 4, 5, 8], rank 1 [2, 3, 6, 7, 9].
+    """
     step = batch_size * world_size
-    full = (order.size // step) * step
-    mine = order[:full].reshape(-1, world_size, batch_size)[:, rank, :].reshape(-1)
-    if drop_last or full == order.size:
+    steps = num_rows // step
+    mine = (np.arange(steps, dtype=np.int64)[:, None] * step + rank * batch_size
+            + np.arange(batch_size, dtype=np.int64)).reshape(-1)
+    tail = num_rows - steps * step
+    if drop_last or tail == 0:
         return mine
-    tail = np.array_split(order[full:], world_size)[rank]
-    return np.concatenate([mine, tail])
+    sizes = tail // world_size + (np.arange(world_size) < tail % world_size)
+    start = steps * step + int(sizes[:rank].sum())
+    return np.concatenate([mine, np.arange(start, start + sizes[rank], dtype=np.int64)])
 
 
 def rank_row_count(num_rows: int, batch_size: int, rank: int, world_size: int,
@@ -173,6 +186,12 @@ def deal_row_groups(group_starts: np.ndarray, world_size: int) -> List[np.ndarra
             ranges[r].append((start, end))
         start = end
     return [np.asarray(x, dtype=np.int64).reshape(-1, 2) for x in ranges]
+
+
+def _rows_of(ranges: np.ndarray) -> np.ndarray:
+    """The row numbers of ``[k, 2]`` ``[start, end)`` ranges, in order."""
+    return np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in ranges]
+                          or [np.empty(0, dtype=np.int64)])
 
 
 def _snake_owners(counts: np.ndarray, world_size: int) -> np.ndarray:
@@ -407,22 +426,8 @@ class InstanceLogReader:
         if cfg.order == ReadOrder.SHUFFLED:
             return self._plan_shuffled()
         if self._fixed_plan is None:
-            if cfg.order == ReadOrder.USER:
-                self._fixed_plan = self._plan_users()
-            elif cfg.partition == Partition.STEPS:
-                key = read_key_columns(self.files)
-                self.key_rows_decoded += self.num_rows
-                order = np.lexsort((key.instance_id, key.ts))
-                del key
-                self._fixed_plan = self._deal_steps(order[::-1] if cfg.reverse else order)
-            else:
-                own = self._own_rows()
-                keys = self._read_keys(own, [TS, INSTANCE_ID])
-                order = np.lexsort((keys[INSTANCE_ID], keys[TS]))
-                del keys
-                if cfg.reverse:
-                    order = order[::-1]
-                self._fixed_plan = own[order[:self.rank_rows]]
+            self._fixed_plan = (self._plan_users() if cfg.order == ReadOrder.USER
+                                else self._plan_temporal())
         return self._fixed_plan
 
     def __len__(self) -> int:
@@ -438,21 +443,38 @@ class InstanceLogReader:
             yield from self._assemble(self._external_shuffle(rows))
 
     # ------------------------------------------------------------------ plans
-    def _deal_steps(self, order: np.ndarray) -> np.ndarray:
+    def _dealt_positions(self) -> np.ndarray:
         cfg = self.config
-        return _deal_steps(order, cfg.batch_size, self.rank, self.world_size, cfg.drop_last)
+        return dealt_positions(self.num_rows, cfg.batch_size, self.rank, self.world_size,
+                               cfg.drop_last)
 
-    def _own_rows(self) -> np.ndarray:
-        """This rank's row numbers under the row_groups partition, ascending."""
-        return np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in self.row_ranges]
-                              or [np.empty(0, dtype=np.int64)])
+    def _plan_temporal(self) -> np.ndarray:
+        """Rows by (ts, instance_id), newest first with ``reverse``. Rows stored in that order
+        (checked from their keys, row group by row group) need no keys held."""
+        cfg = self.config
+        if cfg.partition == Partition.STEPS:
+            positions = self._dealt_positions()
+            if self._in_time_order(np.array([[0, self.num_rows]])):
+                return self.num_rows - 1 - positions if cfg.reverse else positions
+            key = read_key_columns(self.files)
+            self.key_rows_decoded += self.num_rows
+            order = np.lexsort((key.instance_id, key.ts))
+            del key
+            return (order[::-1] if cfg.reverse else order)[positions]
+        ranges = self.row_ranges
+        own = _rows_of(ranges)
+        if not self._in_time_order(ranges):
+            ts, instance_id = (np.concatenate(k) for k in zip(*self._keys_of(ranges)))
+            own = own[np.lexsort((instance_id, ts))]
+            del ts, instance_id
+        return (own[::-1] if cfg.reverse else own)[:self.rank_rows]
 
     def _plan_shuffled(self) -> np.ndarray:
         cfg = self.config
         if cfg.partition == Partition.STEPS:
             order = np.random.default_rng([cfg.seed, self.epoch]).permutation(self.num_rows)
-            return self._deal_steps(order)
-        own = self._own_rows()
+            return order[self._dealt_positions()]
+        own = _rows_of(self.row_ranges)
         # One process draws the permutation of the whole log that the steps partition draws;
         # several draw independent ones, so that a step's batches are not alike.
         key = [cfg.seed, self.epoch] + ([self.rank] if self.world_size > 1 else [])
@@ -483,14 +505,33 @@ class InstanceLogReader:
         return _user_order(*(np.concatenate(kept[k]) for k in ("rows", USER_ID, TS, INSTANCE_ID)),
                            reverse=self.config.reverse)
 
-    def _read_keys(self, rows: np.ndarray, columns: List[str]) -> Dict[str, np.ndarray]:
-        """Columns ``columns`` of ``rows`` (ascending row numbers), as NumPy arrays."""
-        parts: Dict[str, List[np.ndarray]] = {c: [] for c in columns}
-        for table in self._tables_of(rows, columns):
-            for c in columns:
-                parts[c].append(_values(table[c]))
-        return {c: np.concatenate(v) if v else np.empty(0, dtype=np.int64)
-                for c, v in parts.items()}
+    def _keys_of(self, ranges: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """``(ts, instance_id)`` of the rows of ``ranges`` (``[k, 2]`` ascending ``[start, end)``
+        row numbers, no row group in two), one row group at a time."""
+        starts = self.groups.starts
+        for start, end in ranges:
+            gi = int(np.searchsorted(starts, start, side="right")) - 1
+            while gi + 1 < starts.size and starts[gi] < end:
+                table = self._read_group(gi, [TS, INSTANCE_ID])
+                lo, hi = max(start, starts[gi]) - starts[gi], min(end, starts[gi + 1]) - starts[gi]
+                yield _values(table[TS])[lo:hi], _values(table[INSTANCE_ID])[lo:hi]
+                gi += 1
+
+    def _in_time_order(self, ranges: np.ndarray) -> bool:
+        """Whether the rows of ``ranges``, in file order, are in (ts, instance_id) order; their
+        keys are read one row group at a time and not held (stops at the first row out of
+        order)."""
+        last: Optional[Tuple[int, int]] = None
+        for ts, instance_id in self._keys_of(ranges):
+            if ts.size == 0:
+                continue
+            if last is not None and (ts[0], instance_id[0]) < last:
+                return False
+            dt, di = np.diff(ts), np.diff(instance_id)
+            if not bool(((dt > 0) | ((dt == 0) & (di >= 0))).all()):
+                return False
+            last = (ts[-1], instance_id[-1])
+        return True
 
     # ------------------------------------------------------------------ the two read paths
     def _read_group(self, gi: int, columns: Optional[List[str]] = None) -> pa.Table:
@@ -509,14 +550,13 @@ class InstanceLogReader:
             self.key_rows_decoded += table.num_rows
         return table
 
-    def _tables_of(self, rows: np.ndarray, columns: Optional[List[str]] = None
-                   ) -> Iterator[pa.Table]:
+    def _tables_of(self, rows: np.ndarray) -> Iterator[pa.Table]:
         """Rows ``rows`` (ascending row numbers), one table per row group that holds some, in
         order; only those row groups are decoded."""
         starts = self.groups.starts
         cuts = np.searchsorted(rows, starts)
         for gi in np.flatnonzero(np.diff(cuts)):
-            table = self._read_group(int(gi), columns)
+            table = self._read_group(int(gi))
             local = rows[cuts[gi]:cuts[gi + 1]] - starts[gi]
             if local.size == table.num_rows:
                 yield table
