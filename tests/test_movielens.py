@@ -184,6 +184,21 @@ def test_csv_without_tags(csv_dir, tmp_path):
     assert "tags" not in FeatureSpec.load(tmp_path / "out").sparse_names
 
 
+def test_the_peer_fields_only(csv_dir, tmp_path):
+    """fields ["peer"]: the peer library's P1 fields the source has, same rows and values."""
+    full = read_log(import_movielens(csv_dir, tmp_path / "all") and tmp_path / "all")
+    import_movielens(csv_dir, tmp_path / "peer", fields=["peer"])
+    spec = FeatureSpec.load(tmp_path / "peer")
+    assert spec.sparse_names == ["user", "movie", "genres", "year", "hour", "weekday"]
+    peer = read_log(tmp_path / "peer")
+    for name in ["instance_id", "click", *spec.sparse_names]:
+        assert peer.column(name).to_pylist() == full.column(name).to_pylist()
+    assert "tags" not in peer.column_names and "count_bucket" not in peer.column_names
+    with pytest.raises(ValueError, match=r"fields \['gender'\] are not MovieLens fields"):
+        import_movielens(csv_dir, tmp_path / "bad", fields=["user", "gender"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_unrecognised_directory(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "junk.txt").write_text("x")

@@ -56,7 +56,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -75,6 +75,8 @@ __all__ = [
     "MOVIELENS_FORMATS",
     "MovieLensConfig",
     "MovieLensError",
+    "PEER_FIELDS",
+    "keep_fields",
     "build_movielens",
     "detect_format",
     "import_movielens",
@@ -101,6 +103,12 @@ class MovieLensError(SourceFormatError):
     """A MovieLens directory or file that cannot be imported."""
 
 
+# The fields the peer library feeds every model under Protocol P1 (METHOD.md), where the data
+# has them: without this project's count / gap buckets and tags.
+PEER_FIELDS = ("user", "gender", "age", "occupation", "zip_prefix", "movie", "genres", "year",
+               "hour", "weekday")
+
+
 @dataclasses.dataclass
 class MovieLensConfig:
     """Import MovieLens ratings as an instance log (one instance per rating, click = rating>=4)."""
@@ -114,6 +122,10 @@ class MovieLensConfig:
                                         metadata={"help": "replace an existing output"})
     zip_prefix_length: int = dataclasses.field(default=3, metadata={
         "help": "characters of the zip code kept in zip_prefix (classic formats)"})
+    fields: List[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "the sparse fields to keep (empty: every field the source gives); 'peer': "
+                "those the peer library feeds its P1 models, where the source has them ("
+                + " ".join(PEER_FIELDS) + ")"})
 
 
 # =========================================================================== reading
@@ -530,14 +542,34 @@ def build_movielens(source: PathLike, format: str = "auto",
     return pa.table(arrays), spec, vocabs
 
 
+def keep_fields(table: pa.Table, spec: FeatureSpec, fields: Sequence[str]
+                ) -> Tuple[pa.Table, FeatureSpec]:
+    """The instances and spec with only the sparse ``fields`` (empty: all; ``["peer"]``:
+    :data:`PEER_FIELDS` where the data has them); a field the data does not have is an error
+    naming it."""
+    if not fields:
+        return table, spec
+    if list(fields) == ["peer"]:
+        fields = [f for f in PEER_FIELDS if f in spec.sparse_names]
+    unknown = [f for f in fields if f not in spec.sparse_names]
+    if unknown:
+        raise ValueError(f"fields {unknown} are not MovieLens fields of this source "
+                         f"(it has {spec.sparse_names})")
+    dropped = [f for f in spec.sparse_names if f not in fields]
+    return (table.drop_columns(dropped),
+            dataclasses.replace(spec, sparse=[f for f in spec.sparse if f.name in fields]))
+
+
 def import_movielens(source: PathLike, output: PathLike, *, format: str = "auto",
                      overwrite: bool = False, zip_prefix_length: int = 3,
+                     fields: Sequence[str] = (),
                      rows_per_file: int = DEFAULT_ROWS_PER_FILE) -> LogSummary:
     """Import a MovieLens directory as an instance log at ``output`` (written atomically);
     return :func:`validate_log`'s summary. Keyword names match :class:`MovieLensConfig`."""
     src, out = Path(source), Path(output)
     check_output_path(src, out)
     table, spec, vocabs = build_movielens(src, format=format, zip_prefix_length=zip_prefix_length)
+    table, spec = keep_fields(table, spec, fields)
     carried = license_files(src)
     if not carried:
         warnings.warn(f"{src}: no README/LICENSE file found; the MovieLens licence requires it "
@@ -549,7 +581,8 @@ def import_movielens(source: PathLike, output: PathLike, *, format: str = "auto"
                        extra_files=[*carried, vocab_file],
                        provenance={"source": "movielens", "path": str(src.resolve()),
                                    "format": format,
-                                   "zip_prefix_length": zip_prefix_length}) as w:
+                                   "zip_prefix_length": zip_prefix_length,
+                                   "fields": list(fields)}) as w:
             for start in range(0, table.num_rows, 1_000_000):
                 w.write(table.slice(start, 1_000_000))
     return validate_log(out, spec)

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 from iat_torchrec.config import nested
 from iat_torchrec.data.log import LogSummary, read_provenance, validate_log
@@ -32,6 +32,9 @@ class DataConfig:
         "help": "where prepared logs and their splits are written"})
     movielens_source: str = dataclasses.field(default=DEFAULT_SOURCE, metadata={
         "help": "MovieLens directory for --dataset movielens"})
+    movielens_fields: List[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "--dataset movielens: the sparse fields to keep (empty: all; 'peer': the peer "
+                "library's P1 fields, without this project's count / gap buckets and tags)"})
     synthetic: SyntheticConfig = nested(SyntheticConfig, "the generator (--dataset synthetic)")
     split_method: str = dataclasses.field(default="auto", metadata={
         "help": "auto (per_user for movielens, time otherwise), per_user or time"})
@@ -97,7 +100,8 @@ def data_paths(cfg: DataConfig) -> DataPaths:
     elif cfg.dataset == "movielens":
         name = "movielens"
         source = resolve_source(cfg.movielens_source).resolve()
-        log = data_dir / f"movielens-{source.name}-{_digest(str(source))}" / "log"
+        key = str(source) if not cfg.movielens_fields else [str(source), cfg.movielens_fields]
+        log = data_dir / f"movielens-{source.name}-{_digest(key)}" / "log"
         folder = log.parent
     else:
         log = Path(cfg.dataset).resolve()
@@ -122,11 +126,12 @@ def _synthetic_log(cfg: DataConfig, out: Path) -> Path:
 def _movielens_log(cfg: DataConfig, out: Path) -> Path:
     source = resolve_source(cfg.movielens_source).resolve()
     prov = read_provenance(out) if out.exists() else None
-    if prov is not None and prov.get("path") == str(source):
+    if (prov is not None and prov.get("path") == str(source)
+            and prov.get("fields", []) == list(cfg.movielens_fields)):
         _log(f"reusing {out}")
         return out
     _log(f"importing {source} into {out}")
-    import_movielens(source, out, overwrite=out.exists())
+    import_movielens(source, out, overwrite=out.exists(), fields=cfg.movielens_fields)
     return out
 
 
