@@ -37,6 +37,14 @@ def test_attend_equals_self_attention_of_the_query_over_query_and_memory():
         torch.testing.assert_close(out[i:i + 1], att(seq, num_queries=1), **TOL)
 
 
+def _matches_and_trains(module: torch.nn.Module, out: torch.Tensor, want: torch.Tensor) -> None:
+    """``out`` equals the reference, and every gradient through it is finite (empty histories
+    included)."""
+    torch.testing.assert_close(out, want, **TOL)
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
 def _iat(seed: int = 0) -> IATBranch:
     torch.manual_seed(seed)
     return IATBranch(token_dim=12, query_dim=10, output_dim=8, config=IATBranchConfig(
@@ -75,11 +83,8 @@ def test_iat_history_blind_to_the_query_equals_a_per_sample_reference():
     branch = _iat()
     tokens, label, gap, mask = _history(5, 7)
     query = torch.randn(5, 10)
-    out = branch(tokens, label, gap, mask, query)
-    torch.testing.assert_close(out, _iat_reference(branch, tokens, label, gap, mask, query),
-                               **TOL)
-    out.sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in branch.parameters() if p.grad is not None)
+    _matches_and_trains(branch, branch(tokens, label, gap, mask, query),
+                        _iat_reference(branch, tokens, label, gap, mask, query))
 
 
 @pytest.mark.parametrize("sees", [True, False])
@@ -133,11 +138,8 @@ def test_mixer_history_blind_to_the_target_equals_a_per_sample_reference():
     mixer = _mixer()
     rows, mask, recency, side = _rows(4, 6)
     target = torch.randn(4, 3, 6)
-    out = mixer(target, rows, mask, recency, side)
-    torch.testing.assert_close(out, _mixer_reference(mixer, target, rows, mask, recency, side),
-                               **TOL)
-    out.sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in mixer.parameters() if p.grad is not None)
+    _matches_and_trains(mixer, mixer(target, rows, mask, recency, side),
+                        _mixer_reference(mixer, target, rows, mask, recency, side))
 
 
 @pytest.mark.parametrize("sees", [True, False])
