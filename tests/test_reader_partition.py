@@ -162,9 +162,9 @@ def test_one_process_reads_the_same_under_both_partitions(log_dir, order):
 
 def test_planning_memory_is_bounded_by_the_share(log_dir, unordered_log):
     """The NumPy arrays made while planning (tracemalloc's peak) scale with the rank's share
-    under row_groups; under steps too for a log stored in time order, but not for one stored
-    out of order (the whole log's keys, 24 bytes a row) nor shuffled (a permutation of the
-    whole log, 8 bytes a row)."""
+    under row_groups and in user order; under steps too for a log stored in time order, but not
+    for one stored out of order (the whole log's keys, 24 bytes a row) nor shuffled (a
+    permutation of the whole log, 8 bytes a row)."""
     share = rank_row_count(N, BATCH, 0, 3, False)
 
     def peak(path: Path, order: str, partition: Partition) -> int:
@@ -173,6 +173,7 @@ def test_planning_memory_is_bounded_by_the_share(log_dir, unordered_log):
         reader.plan()
         size = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
+        assert abs(reader.rank_rows - share) < 0.2 * share  # user order: about the same
         return size
 
     for path in (log_dir, unordered_log):
@@ -181,6 +182,7 @@ def test_planning_memory_is_bounded_by_the_share(log_dir, unordered_log):
     assert peak(log_dir, "temporal", Partition.STEPS) < 32 * share
     assert peak(unordered_log, "temporal", Partition.STEPS) >= 24 * N
     assert peak(log_dir, "shuffled", Partition.STEPS) >= 8 * N
+    assert peak(unordered_log, "user", Partition.STEPS) < 64 * share < 24 * N
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

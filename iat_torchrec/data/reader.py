@@ -39,7 +39,7 @@ shuffle, ``tmp_dir``), read back chunk by chunk.
 
 Memory: a plan of 8 bytes per row of the rank, plus at most one chunk of ``chunk_rows`` rows,
 plus while planning about 8-16 bytes per row of the rank, and: ``row_groups`` over a log stored
-out of time order, 16 per row of the rank (its keys); user order, about 24 per row of the rank
+out of time order, 16 per row of the rank (its keys); user order, about 40 per row of the rank
 and 32 per user of the log; ``steps``, the keys of the whole log (temporal over a log stored out
 of time order, 24 bytes a row) or a permutation of it (shuffled, 8 bytes a row).
 ``rows_decoded`` and ``key_rows_decoded`` count the rows of the row groups decoded for batches
@@ -204,24 +204,25 @@ def _snake_owners(counts: np.ndarray, world_size: int) -> np.ndarray:
     return owner
 
 
-def _user_order(rows: np.ndarray, user_id: np.ndarray, ts: np.ndarray,
-                instance_id: np.ndarray, reverse: bool) -> np.ndarray:
-    """``rows`` (each with its user, ts and instance id) in user order: users by the time of
-    their first instance (then user id; reversed with ``reverse``), each user's rows by
-    (ts, instance_id)."""
-    if rows.size == 0:
-        return np.empty(0, dtype=np.int64)
-    order = np.lexsort((instance_id, ts, user_id))
-    users_sorted = user_id[order]
+def _user_order(keys: Dict[str, np.ndarray], reverse: bool) -> np.ndarray:
+    """The rows ``keys["rows"]`` (with their key columns in ``keys``) in user order: users by
+    the time of their first instance (then user id; reversed with ``reverse``), each user's rows
+    by (ts, instance_id). ``keys`` is emptied on the way, each array freed once used."""
+    order = np.lexsort((keys.pop(INSTANCE_ID), keys[TS], keys[USER_ID]))
+    users_sorted = keys.pop(USER_ID)[order]
     starts = np.flatnonzero(np.r_[True, users_sorted[1:] != users_sorted[:-1]])
-    counts = np.diff(np.r_[starts, order.size])
-    by_first = np.lexsort((users_sorted[starts], ts[order[starts]]))
+    first_ts = keys.pop(TS)[order[starts]]
+    by_first = np.lexsort((users_sorted[starts], first_ts))
+    del users_sorted
     if reverse:
         by_first = by_first[::-1]
-    seg_starts, seg_lens = starts[by_first], counts[by_first]
+    seg_starts, seg_lens = starts[by_first], np.diff(np.r_[starts, order.size])[by_first]
     # Concatenate the users' row ranges without a Python loop.
-    offsets = np.repeat(seg_starts - np.r_[0, np.cumsum(seg_lens)[:-1]], seg_lens)
-    return rows[order[np.arange(order.size) + offsets]]
+    index = np.repeat(seg_starts - np.r_[0, np.cumsum(seg_lens)[:-1]], seg_lens)
+    index += np.arange(order.size)
+    order = order[index]
+    del index
+    return keys.pop("rows")[order]
 
 
 def _merge_counts(users: np.ndarray, counts: np.ndarray, more: List[Tuple[np.ndarray, np.ndarray]]
@@ -482,7 +483,7 @@ class InstanceLogReader:
 
     def _plan_users(self) -> np.ndarray:
         """Whole users dealt so that instance counts balance: one pass counts every user's rows
-        (user ids only, merged row group by row group), a second keeps this rank's rows' keys."""
+        (user ids only, merged row group by row group), a second fills this rank's rows' keys."""
         users, counts = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
         pending: List[Tuple[np.ndarray, np.ndarray]] = []
         for gi in range(len(self.groups.ids)):
@@ -493,17 +494,19 @@ class InstanceLogReader:
                 pending = []
         users, counts = _merge_counts(users, counts, pending)
         mine = _snake_owners(counts, self.world_size) == self.rank
-        kept: Dict[str, List[np.ndarray]] = {k: [] for k in ("rows", *KEY_COLUMNS)}
+        size = int(counts[mine].sum())
+        keys = {k: np.empty(size, dtype=np.int64) for k in ("rows", *KEY_COLUMNS)}
+        filled = 0
         for gi in range(len(self.groups.ids)):
             table = self._read_group(gi, list(KEY_COLUMNS))
-            user = _values(table[USER_ID])
-            keep = np.flatnonzero(mine[np.searchsorted(users, user)])
-            kept["rows"].append(keep + self.groups.starts[gi])
+            keep = np.flatnonzero(mine[np.searchsorted(users, _values(table[USER_ID]))])
+            end = filled + keep.size
+            keys["rows"][filled:end] = keep + self.groups.starts[gi]
             for col in KEY_COLUMNS:
-                kept[col].append(_values(table[col])[keep])
+                keys[col][filled:end] = _values(table[col])[keep]
+            filled = end
         del users, counts, mine
-        return _user_order(*(np.concatenate(kept[k]) for k in ("rows", USER_ID, TS, INSTANCE_ID)),
-                           reverse=self.config.reverse)
+        return _user_order(keys, self.config.reverse)
 
     def _keys_of(self, ranges: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """``(ts, instance_id)`` of the rows of ``ranges`` (``[k, 2]`` ascending ``[start, end)``
