@@ -114,6 +114,16 @@ def test_a_saved_plan_shards_the_tables_as_planned(world, tmp_path):
             world, "none", "--sharding.plan_file", str(tmp_path / "two.json"))))
 
 
+def test_the_row_groups_partition_reads_the_same_in_one_process(world):
+    """--train.partition row_groups (each process decodes only its own row groups) changes
+    nothing for one process."""
+    steps = run_train(parse_config(TrainDownstreamConfig, _args(world, "iat")))
+    groups = run_train(parse_config(TrainDownstreamConfig, _args(
+        world, "iat", "--train.partition", "row_groups")))
+    assert groups["test"] == steps["test"]
+    assert groups["config"]["train"]["partition"] == "row_groups"
+
+
 def test_two_processes_through_the_component_match_one(world, tmp_path, monkeypatch):
     """dist.ddp -> torchrun, 2 gloo processes with half the batch each: the same metrics."""
     one = run_train(parse_config(TrainDownstreamConfig, _args(world, "din")))

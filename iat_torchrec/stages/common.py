@@ -22,7 +22,7 @@ from iat_torchrec.config import nested, to_dict, to_flat
 from iat_torchrec.atomic import OutputExistsError, atomic_output
 from iat_torchrec.data.batch import InstanceBatch
 from iat_torchrec.data.log import log_files, read_key_columns
-from iat_torchrec.data.reader import InstanceLogReader, ReaderConfig, ReadOrder
+from iat_torchrec.data.reader import InstanceLogReader, Partition, ReaderConfig, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec, SpecError
 from iat_torchrec.distributed.collectives import (DistEnv, all_equal_batches, barrier,
                                                   broadcast_object, init_process_group)
@@ -115,11 +115,12 @@ def check_inputs(train_log: str, valid_log: str, export_logs: Sequence[str], sto
 
 
 def stage_reader(path: Union[str, Sequence[str]], spec: FeatureSpec, batch_size: int,
-                 env: DistEnv, order: ReadOrder, seed: int = 0, reverse: bool = False
-                 ) -> InstanceLogReader:
+                 env: DistEnv, order: ReadOrder, seed: int = 0, reverse: bool = False,
+                 partition: Partition = Partition.STEPS) -> InstanceLogReader:
     """This rank's reader of ``path`` (a log, or a list of logs read as one)."""
     return InstanceLogReader(path, spec, ReaderConfig(batch_size=batch_size, order=order,
-                                                      seed=seed, reverse=reverse),
+                                                      seed=seed, reverse=reverse,
+                                                      partition=partition),
                              rank=env.rank, world_size=env.world_size)
 
 

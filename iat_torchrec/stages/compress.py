@@ -104,7 +104,8 @@ def run_compress(cfg: CompressConfig) -> Optional[Dict[str, Any]]:
         if cfg.scheme == Scheme.USER:
             return stage_reader(cfg.train_log, spec, cfg.train.batch_size, env, ReadOrder.USER,
                                 reverse=cfg.two_pass and epoch % 2 == 1)
-        return stage_reader(cfg.train_log, spec, cfg.train.batch_size, env, ReadOrder.TEMPORAL)
+        return stage_reader(cfg.train_log, spec, cfg.train.batch_size, env, ReadOrder.TEMPORAL,
+                            partition=cfg.train.partition)
 
     history: List[Dict[str, Any]] = []
 

@@ -84,7 +84,7 @@ def run_tokenize(cfg: TokenizeConfig) -> Optional[Dict[str, Any]]:
 
     def make_reader(epoch: int) -> InstanceLogReader:
         return stage_reader(cfg.train_log, spec, cfg.train.batch_size, env, ReadOrder.SHUFFLED,
-                            seed=cfg.train.seed + epoch)
+                            seed=cfg.train.seed + epoch, partition=cfg.train.partition)
 
     history: List[Dict[str, Any]] = []
 

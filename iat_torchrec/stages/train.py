@@ -55,7 +55,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from iat_torchrec.config import nested
-from iat_torchrec.data.reader import ReaderConfig, ReadOrder
+from iat_torchrec.data.reader import Partition, ReaderConfig, ReadOrder
 from iat_torchrec.data.spec import FeatureSpec, SpecError
 from iat_torchrec.distributed.collectives import (DistEnv, broadcast_object, gather_arrays,
                                                   init_process_group)
@@ -278,9 +278,10 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
 
     def reader(split: str, path: str, order: ReadOrder) -> DownstreamReader:
         shards = inputs.shards[split]
+        partition = cfg.train.partition if split == "train" else Partition.STEPS
         return DownstreamReader(
             path, spec, ReaderConfig(batch_size=cfg.train.batch_size, order=order,
-                                     seed=cfg.train.seed),
+                                     seed=cfg.train.seed, partition=partition),
             env.rank, env.world_size, history=shards,
             store=inputs.history_store if shards is not None else None, device=env.device,
             item_feature=mcfg.item_feature if k else "", item_history_len=k,

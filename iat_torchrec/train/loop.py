@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from iat_torchrec.data.batch import InstanceBatch
+from iat_torchrec.data.reader import Partition
 from iat_torchrec.distributed.checkpoint import (latest_checkpoint, load_checkpoint,
                                                  save_checkpoint)
 from iat_torchrec.distributed.collectives import DistEnv, all_equal_batches, gather_arrays
@@ -40,6 +41,12 @@ class TrainConfig:
     checkpoint_every: int = dataclasses.field(default=0, metadata={
         "help": "steps between checkpoints (0: only at the end of training)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of initial weights"})
+    partition: Partition = dataclasses.field(default=Partition.STEPS, metadata={
+        "help": "how the train log's rows are split over processes (temporal and shuffled "
+                "orders): steps (global steps dealt batch by batch, so W processes train "
+                "exactly as one with W times the batch; every process decodes every row "
+                "group) | row_groups (each process decodes only its own row groups; which "
+                "rows share a step then differs from one process)"})
 
 
 def padded(batches: Iterable[InstanceBatch], total: int) -> Iterator[InstanceBatch]:
