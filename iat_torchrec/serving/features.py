@@ -21,7 +21,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -90,11 +90,77 @@ def candidate_features(spec: FeatureSpec, candidates: Sequence[Mapping[str, Any]
                        ) -> Tuple[torch.Tensor, KeyedJaggedTensor, int]:
     """``(dense [B, num_dense] float32, sparse KJT over spec.sparse_names, oov count)`` of
     ``candidates`` (dicts of field -> value); ``extra`` names keys allowed besides the spec's
-    fields (an ingested instance's keys and labels)."""
+    fields (an ingested instance's keys and labels). Well-formed candidates are read a field
+    at a time (:func:`_columns`); anything else is checked candidate by candidate, which
+    names the first bad value."""
     allowed = {*spec.sparse_names, *spec.dense_names, *extra}
     n = len(candidates)
+    columns = _columns(spec, candidates, allowed)
+    if columns is None:
+        columns = _checked_columns(spec, candidates, allowed, prefix)
+    dense, per_field = columns
+    values, lengths, oov = [], [], 0
+    for f in spec.sparse:
+        lens, flat = per_field[f.name]
+        owners = np.repeat(np.arange(n), lens)
+        mapped, bad = _map_ids(f, flat, owners, prefix)
+        values.append(mapped)
+        lengths.append(lens)
+        oov += bad
+    kjt = KeyedJaggedTensor(keys=list(spec.sparse_names),
+                            values=torch.from_numpy(np.concatenate(values)),
+                            lengths=torch.from_numpy(np.concatenate(lengths)))
+    return torch.from_numpy(dense), kjt, oov
+
+
+# Dense values [B, num_dense] and, per sparse field, (ids per candidate [B], ids [total]).
+Columns = Tuple[np.ndarray, Dict[str, Tuple[np.ndarray, np.ndarray]]]
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _columns(spec: FeatureSpec, candidates: Sequence[Mapping[str, Any]],
+             allowed: set) -> Optional[Columns]:
+    """The columns of well-formed candidates, read a field at a time; None as soon as
+    anything is off (the checking path then names it)."""
+    n = len(candidates)
+    if not all(type(c) is dict and c.keys() <= allowed for c in candidates):
+        return None
+    per_field = {}
+    try:
+        for f in spec.sparse:
+            col = [c[f.name] for c in candidates]
+            if f.multi_valued:
+                if not all(type(v) is list and all(type(x) is int for x in v) for v in col):
+                    return None
+                lens = np.fromiter(map(len, col), dtype=np.int64, count=n)
+                flat = np.fromiter((x for v in col for x in v), dtype=np.int64,
+                                   count=int(lens.sum()))
+            else:
+                if not all(type(v) is int for v in col):
+                    return None
+                lens, flat = np.ones(n, dtype=np.int64), np.fromiter(col, np.int64, count=n)
+            per_field[f.name] = (lens, flat)
+        dense = np.empty((n, len(spec.dense)), dtype=np.float32)
+        for j, f in enumerate(spec.dense):
+            col = [c[f.name] for c in candidates]
+            if not all(type(v) is float or type(v) is int for v in col):
+                return None
+            values = np.array(col, dtype=np.float64)
+            if not (np.isfinite(values).all() and (np.abs(values) <= FLOAT32_MAX).all()):
+                return None
+            dense[:, j] = values
+    except (KeyError, OverflowError):  # a missing field, an id beyond int64
+        return None
+    return dense, per_field
+
+
+def _checked_columns(spec: FeatureSpec, candidates: Sequence[Mapping[str, Any]],
+                     allowed: set, prefix: str) -> Columns:
+    """The columns, every value checked candidate by candidate: the first bad one raises
+    :class:`RequestError` naming it."""
+    n = len(candidates)
     dense = np.empty((n, len(spec.dense)), dtype=np.float32)
-    per_field: Dict[str, List[List[int]]] = {f.name: [] for f in spec.sparse}
+    rows: Dict[str, List[List[int]]] = {f.name: [] for f in spec.sparse}
     for i, c in enumerate(candidates):
         where = f"{prefix}[{i}]"
         if not isinstance(c, Mapping):
@@ -106,7 +172,7 @@ def candidate_features(spec: FeatureSpec, candidates: Sequence[Mapping[str, Any]
         for f in spec.sparse:
             if f.name not in c or c[f.name] is None:
                 raise RequestError(f"{where}.{f.name}", "missing sparse field")
-            per_field[f.name].append(_sparse_ids(f, c[f.name], f"{where}.{f.name}"))
+            rows[f.name].append(_sparse_ids(f, c[f.name], f"{where}.{f.name}"))
         for j, f in enumerate(spec.dense):
             v = c.get(f.name)
             if v is None:
@@ -114,20 +180,12 @@ def candidate_features(spec: FeatureSpec, candidates: Sequence[Mapping[str, Any]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise RequestError(f"{where}.{f.name}", f"expected a finite number, got "
                                                         f"{_short(v)}")
-            if abs(v) > np.finfo(np.float32).max:
+            if abs(v) > FLOAT32_MAX:
                 raise RequestError(f"{where}.{f.name}", f"{v} is beyond the float32 range")
             dense[i, j] = v
-    values, lengths, oov = [], [], 0
-    for f in spec.sparse:
-        rows = per_field[f.name]
-        lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
-        flat = np.fromiter((v for r in rows for v in r), dtype=np.int64, count=int(lens.sum()))
-        owners = np.repeat(np.arange(n), lens)
-        mapped, bad = _map_ids(f, flat, owners, prefix)
-        values.append(mapped)
-        lengths.append(lens)
-        oov += bad
-    kjt = KeyedJaggedTensor(keys=list(spec.sparse_names),
-                            values=torch.from_numpy(np.concatenate(values)),
-                            lengths=torch.from_numpy(np.concatenate(lengths)))
-    return torch.from_numpy(dense), kjt, oov
+    per_field = {}
+    for name, ids in rows.items():
+        lens = np.fromiter((len(r) for r in ids), dtype=np.int64, count=n)
+        per_field[name] = (lens, np.fromiter((v for r in ids for v in r), dtype=np.int64,
+                                             count=int(lens.sum())))
+    return dense, per_field
