@@ -126,9 +126,8 @@ class MultiHeadAttention(nn.Module):
         if groups is not None:  # queries of a group side by side: [M, h, width * Q, dh]
             q, k_own, v_own = (groups.to_grid(t).transpose(1, 2).flatten(2, 3)
                                for t in (q, k_own, v_own))
-        own = torch.ones(nq, nq, dtype=torch.bool, device=x.device)
-        if groups is not None:  # a query sees its own row's positions only
-            own = torch.block_diag(*[own] * groups.width)
+        row = torch.arange(nq * (1 if groups is None else groups.width), device=x.device) // nq
+        own = row[:, None] == row[None, :]  # a query sees its own row's positions only
         mask = None
         if memory_mask is not None or groups is not None:
             m, s = memory.shape[:2]

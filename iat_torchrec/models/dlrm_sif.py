@@ -259,9 +259,9 @@ class TowerInputs:
                              "history")
         return self.history
 
-    def history_batch(self) -> HistoryBatch:
-        """Each sample's history [B, L] (a copy per sample when histories are shared)."""
-        hist = self.shared_history()
+    def per_sample(self, hist: HistoryBatch) -> HistoryBatch:
+        """``hist`` of the R histories (or any part of them, e.g. their last k steps) as each
+        sample's [B, ...] (a copy per sample when histories are shared)."""
         if self.groups is None:
             return hist
         return HistoryBatch(*(self.groups.expand(t) for t in hist.tensors()))
@@ -295,7 +295,7 @@ class ItemHistoryArch(nn.Module):
         self.feature_names = history_item_features(history_len)
 
     def forward(self, x: TowerInputs) -> torch.Tensor:
-        recent = last_steps(x.history_batch(), self.history_len, self.gap_pad)
+        recent = x.per_sample(last_steps(x.shared_history(), self.history_len, self.gap_pad))
         items = keyed_columns(x.pooled, self.feature_names, self.encoder.embed_dim)
         return self.encoder(x.sparse[:, self.item_index], items, recent.label,
                             recent.gap_bucket, recent.mask)
