@@ -61,11 +61,21 @@ class BenchScaleConfig:
         "help": "sparse fields of the synthetic log (>= 2: user, item_id)"})
     dense_fields: int = dataclasses.field(default=1, metadata={
         "help": "dense fields of the synthetic log"})
+    arrow_pool: str = dataclasses.field(default="system", metadata={
+        "help": "pyarrow's memory pool in each rank process (ARROW_DEFAULT_MEMORY_POOL): "
+                "system | mimalloc (pyarrow's default on Linux keeps the pages it frees, so "
+                "resident memory then also grows with what was read, not only with what is "
+                "held)"})
     work_dir: str = dataclasses.field(default="", metadata={
         "help": "where the logs (kept, reused by a later run) and the reader's temporary files "
                 "go (default: a temporary directory, removed after)"})
     out: str = dataclasses.field(default="", metadata={
         "help": "JSON file for the table (date, machine, settings, every cell)"})
+
+    def __post_init__(self) -> None:
+        if self.arrow_pool not in ("system", "mimalloc", "jemalloc"):
+            raise ValueError(f"--arrow_pool must be system, mimalloc or jemalloc, "
+                             f"got {self.arrow_pool!r}")
 
 
 def _peak_rss_mib() -> float:
@@ -119,7 +129,7 @@ def _read_partition(log: str, config: ReaderConfig, rank: int, world_size: int, 
 def _run_ranks(log: Path, config: ReaderConfig, world_size: int, tmp_dir: Path
                ) -> List[Dict[str, Any]]:
     """Every rank at once, each in a fresh process; their reports by rank."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("spawn")  # fresh processes: they read ARROW_DEFAULT_MEMORY_POOL
     results = ctx.Queue()
     procs = [ctx.Process(target=_read_partition,
                          args=(str(log), config, r, world_size, str(tmp_dir), results))
@@ -170,6 +180,7 @@ def run(cfg: BenchScaleConfig) -> Dict[str, Any]:
         raise ValueError(f"--world_size must be >= 2, got {cfg.world_size}")
     if any(o == ReadOrder.USER for o in cfg.orders):
         raise ValueError("--orders: the partition choice applies to temporal and shuffled only")
+    os.environ["ARROW_DEFAULT_MEMORY_POOL"] = cfg.arrow_pool
     work = Path(cfg.work_dir or tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     cells: List[Dict[str, Any]] = []

@@ -160,6 +160,21 @@ def test_one_process_reads_the_same_under_both_partitions(log_dir, order):
         assert np.array_equal(*got) and got[0].size == N
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_temporal_ranges_stream_what_the_plan_lists(log_dir, world_size):
+    """Temporal order over a log stored in time order streams the rank's row ranges without a
+    plan of rows; it emits exactly the plan's rows (reverse and drop_last included)."""
+    by_row = _ids(list(_reader(log_dir, "temporal", 0, 1, Partition.STEPS)))  # stored order
+    assert by_row.size == N
+    for rank in range(world_size):
+        for cfg in ({}, {"reverse": True}, {"drop_last": True}):
+            reader = _reader(log_dir, "temporal", rank, world_size, **cfg)
+            got = _ids(list(reader))
+            assert reader._streams_ranges()
+            assert np.array_equal(got, by_row[reader.plan()])
+            assert got.size == reader.rank_rows
+
+
 def test_planning_memory_is_bounded_by_the_share(log_dir, unordered_log):
     """The NumPy arrays made while planning (tracemalloc's peak) scale with the rank's share
     under row_groups and in user order; under steps too for a log stored in time order, but not

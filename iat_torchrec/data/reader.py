@@ -396,6 +396,7 @@ class InstanceLogReader:
         self._columns = self.spec.columns
         self._assemble = _BatchAssembler(self.spec, self.config.batch_size)
         self._fixed_plan: Optional[np.ndarray] = None  # temporal and user plans, made once
+        self._ranges_in_time_order: Optional[bool] = None  # row_groups: checked once
 
     @property
     def num_rows(self) -> int:
@@ -435,6 +436,9 @@ class InstanceLogReader:
         return -(-self.rank_rows // self.config.batch_size)
 
     def __iter__(self) -> Iterator[InstanceBatch]:
+        if self._streams_ranges():
+            yield from self._assemble(self._tables_of_ranges())
+            return
         rows = self.plan()
         if rows.size == 0:
             return
@@ -464,7 +468,7 @@ class InstanceLogReader:
             return (order[::-1] if cfg.reverse else order)[positions]
         ranges = self.row_ranges
         own = _rows_of(ranges)
-        if not self._in_time_order(ranges):
+        if not self._own_rows_in_time_order():
             ts, instance_id = (np.concatenate(k) for k in zip(*self._keys_of(ranges)))
             own = own[np.lexsort((instance_id, ts))]
             del ts, instance_id
@@ -507,6 +511,41 @@ class InstanceLogReader:
             filled = end
         del users, counts, mine
         return _user_order(keys, self.config.reverse)
+
+    def _streams_ranges(self) -> bool:
+        """Temporal order under the row_groups partition over rows stored in time order (the
+        normal case): this rank's row ranges are streamed as they are, with no plan of rows
+        held (memory flat in the log and the share)."""
+        cfg = self.config
+        return (cfg.order == ReadOrder.TEMPORAL and cfg.partition == Partition.ROW_GROUPS
+                and self._own_rows_in_time_order())
+
+    def _own_rows_in_time_order(self) -> bool:
+        """Whether this rank's row ranges are stored in time order (their keys read once)."""
+        if self._ranges_in_time_order is None:
+            self._ranges_in_time_order = self._in_time_order(self.row_ranges)
+        return self._ranges_in_time_order
+
+    def _tables_of_ranges(self) -> Iterator[pa.Table]:
+        """This rank's rows in time order (newest first with ``reverse``), one table per row
+        group piece, up to ``rank_rows`` rows: what :meth:`plan` lists, without listing it."""
+        reverse, left = self.config.reverse, self.rank_rows
+        starts = self.groups.starts
+        pieces = []  # (row group, first, end) within the group, in file order
+        for start, end in self.row_ranges:
+            gi = int(np.searchsorted(starts, start, side="right")) - 1
+            while gi + 1 < starts.size and starts[gi] < end:
+                pieces.append((gi, max(start, starts[gi]) - starts[gi],
+                               min(end, starts[gi + 1]) - starts[gi]))
+                gi += 1
+        for gi, lo, hi in (reversed(pieces) if reverse else pieces):
+            if left <= 0:
+                return
+            table = self._read_group(int(gi)).slice(int(lo), int(hi - lo))
+            if reverse:
+                table = table.take(pa.array(np.arange(table.num_rows - 1, -1, -1)))
+            yield table.slice(0, left)
+            left -= min(left, table.num_rows)
 
     def _keys_of(self, ranges: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """``(ts, instance_id)`` of the rows of ``ranges`` (``[k, 2]`` ascending ``[start, end)``
