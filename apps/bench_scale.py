@@ -16,6 +16,10 @@ their partition once, at the same time, and each reports:
 - the rows it read (its share), the rows of the row groups it decoded for batches and for
   planning (keys), and its seconds.
 
+Under row_groups the shuffled order shuffles within windows of ``--shuffle_window`` row group
+pieces (0: one permutation of the rank's rows). Each rank process uses pyarrow's
+``--arrow_pool`` (system by default: mimalloc, pyarrow's default, keeps the pages it frees).
+
 ``bytes / instance`` is the growth over the start divided by the share; ``x steps`` compares
 each rank's growth with that of the steps dealing (the default), measured in the same run: every
 rank decodes every row group (temporal: the keys of every row group too).
@@ -61,6 +65,9 @@ class BenchScaleConfig:
         "help": "sparse fields of the synthetic log (>= 2: user, item_id)"})
     dense_fields: int = dataclasses.field(default=1, metadata={
         "help": "dense fields of the synthetic log"})
+    shuffle_window: int = dataclasses.field(default=4, metadata={
+        "help": "row_groups, shuffled order: rows shuffled within windows of this many row "
+                "group pieces (0: one permutation of the rank's rows)"})
     arrow_pool: str = dataclasses.field(default="system", metadata={
         "help": "pyarrow's memory pool in each rank process (ARROW_DEFAULT_MEMORY_POOL): "
                 "system | mimalloc (pyarrow's default on Linux keeps the pages it frees, so "
@@ -190,8 +197,10 @@ def run(cfg: BenchScaleConfig) -> Dict[str, Any]:
             for order in cfg.orders:
                 steps: List[Dict[str, Any]] = []
                 for partition in (Partition.STEPS, Partition.ROW_GROUPS):
-                    config = ReaderConfig(batch_size=cfg.batch_size, order=order,
-                                          partition=partition)
+                    config = ReaderConfig(
+                        batch_size=cfg.batch_size, order=order, partition=partition,
+                        shuffle_window=cfg.shuffle_window if partition == Partition.ROW_GROUPS
+                        else 0)
                     ranks = _run_ranks(log, config, cfg.world_size, work)
                     for c in ranks:
                         growth = c["peak_rss_mib"] - c["start_rss_mib"]

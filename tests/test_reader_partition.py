@@ -175,6 +175,29 @@ def test_temporal_ranges_stream_what_the_plan_lists(log_dir, world_size):
             assert got.size == reader.rank_rows
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_windowed_shuffle_reads_the_share_a_window_at_a_time(log_dir, world_size):
+    """shuffle_window: each rank emits exactly its share (the rows the full permutation
+    emits), in the order plan() lists, decoding each of its row groups once; epochs differ."""
+    by_row = _ids(list(_reader(log_dir, "temporal", 0, 1, Partition.STEPS)))  # stored order
+    sizes = set()
+    for rank in range(world_size):
+        full = _ids(list(_reader(log_dir, "shuffled", rank, world_size)))
+        reader = _reader(log_dir, "shuffled", rank, world_size, shuffle_window=2)
+        got = _ids(list(reader))
+        assert np.array_equal(np.sort(got), np.sort(full)) and got.size == reader.rank_rows
+        assert np.array_equal(got, by_row[reader.plan()])
+        assert reader.rows_decoded <= reader.rank_rows + 2 * GROUP
+        assert not np.array_equal(got, np.sort(got))  # shuffled
+        reader.set_epoch(1)
+        assert not np.array_equal(_ids(list(reader)), got)
+        sizes.add(len(_reader(log_dir, "shuffled", rank, world_size, shuffle_window=2,
+                              drop_last=True)))
+    assert len(sizes) == 1
+    with pytest.raises(ValueError, match="shuffle_window must be >= 0"):
+        ReaderConfig(shuffle_window=-1)
+
+
 def test_planning_memory_is_bounded_by_the_share(log_dir, unordered_log):
     """The NumPy arrays made while planning (tracemalloc's peak) scale with the rank's share
     under row_groups and in user order; under steps too for a log stored in time order, but not

@@ -115,13 +115,17 @@ def test_a_saved_plan_shards_the_tables_as_planned(world, tmp_path):
 
 
 def test_the_row_groups_partition_reads_the_same_in_one_process(world):
-    """--train.partition row_groups (each process decodes only its own row groups) changes
-    nothing for one process."""
+    """--train.partition row_groups (each process decodes only its own row groups), with or
+    without --train.shuffle_window, changes nothing for one process."""
     steps = run_train(parse_config(TrainDownstreamConfig, _args(world, "iat")))
     groups = run_train(parse_config(TrainDownstreamConfig, _args(
         world, "iat", "--train.partition", "row_groups")))
     assert groups["test"] == steps["test"]
     assert groups["config"]["train"]["partition"] == "row_groups"
+    windows = run_train(parse_config(TrainDownstreamConfig, _args(
+        world, "iat", "--train.partition", "row_groups", "--train.shuffle_window", "2")))
+    # This train log is one row group: a window holds the whole share, the same permutation.
+    assert windows["test"] == steps["test"]
 
 
 def test_two_processes_through_the_component_match_one(world, tmp_path, monkeypatch):

@@ -106,6 +106,15 @@ class ReaderConfig:
         "help": "temporal / shuffled over ranks: steps (global steps dealt batch by batch: "
                 "independent of the process count, every rank decodes every row group) | "
                 "row_groups (each rank decodes and plans from only its row groups)"})
+    shuffle_window: int = dataclasses.field(default=0, metadata={
+        "help": "shuffled order under row_groups: 0: one permutation of the rank's rows (held, "
+                "8 bytes a row, and scattered through temporary files); k > 0: the rank's row "
+                "group pieces in a random order, rows shuffled within windows of k pieces "
+                "(memory flat in the log and the share; rows mix only within a window)"})
+
+    def __post_init__(self) -> None:
+        if self.shuffle_window < 0:
+            raise ValueError(f"shuffle_window must be >= 0, got {self.shuffle_window}")
 
 
 def hash_ids(ids: np.ndarray, num_buckets: int) -> np.ndarray:
@@ -439,6 +448,9 @@ class InstanceLogReader:
         if self._streams_ranges():
             yield from self._assemble(self._tables_of_ranges())
             return
+        if self._shuffles_windows():
+            yield from self._assemble(self._window_tables())
+            return
         rows = self.plan()
         if rows.size == 0:
             return
@@ -479,11 +491,22 @@ class InstanceLogReader:
         if cfg.partition == Partition.STEPS:
             order = np.random.default_rng([cfg.seed, self.epoch]).permutation(self.num_rows)
             return order[self._dealt_positions()]
+        if self._shuffles_windows():
+            starts = self.groups.starts
+            return np.concatenate(
+                [np.concatenate([np.arange(starts[g] + lo, starts[g] + hi) for g, lo, hi
+                                 in pieces])[perm] for pieces, perm in self._windows()]
+                or [np.empty(0, dtype=np.int64)])[:self.rank_rows]
         own = _rows_of(self.row_ranges)
-        # One process draws the permutation of the whole log that the steps partition draws;
-        # several draw independent ones, so that a step's batches are not alike.
-        key = [cfg.seed, self.epoch] + ([self.rank] if self.world_size > 1 else [])
-        return own[np.random.default_rng(key).permutation(own.size)[:self.rank_rows]]
+        return own[self._rng().permutation(own.size)[:self.rank_rows]]
+
+    def _rng(self) -> np.random.Generator:
+        """The shuffled order's generator of this epoch. One process draws the permutation of
+        the whole log that the steps partition draws; several draw independent ones, so that a
+        step's batches are not alike."""
+        cfg = self.config
+        return np.random.default_rng([cfg.seed, self.epoch]
+                                     + ([self.rank] if self.world_size > 1 else []))
 
     def _plan_users(self) -> np.ndarray:
         """Whole users dealt so that instance counts balance: one pass counts every user's rows
@@ -526,18 +549,50 @@ class InstanceLogReader:
             self._ranges_in_time_order = self._in_time_order(self.row_ranges)
         return self._ranges_in_time_order
 
+    def _pieces(self) -> List[Tuple[int, int, int]]:
+        """This rank's rows as (row group, first, end) pieces within their groups, file
+        order."""
+        starts = self.groups.starts
+        pieces = []
+        for start, end in self.row_ranges:
+            gi = int(np.searchsorted(starts, start, side="right")) - 1
+            while gi + 1 < starts.size and starts[gi] < end:
+                pieces.append((gi, int(max(start, starts[gi]) - starts[gi]),
+                               int(min(end, starts[gi + 1]) - starts[gi])))
+                gi += 1
+        return pieces
+
+    def _shuffles_windows(self) -> bool:
+        cfg = self.config
+        return (cfg.order == ReadOrder.SHUFFLED and cfg.partition == Partition.ROW_GROUPS
+                and cfg.shuffle_window > 0)
+
+    def _windows(self) -> Iterator[Tuple[List[Tuple[int, int, int]], np.ndarray]]:
+        """``shuffle_window``: the rank's pieces in a random order, ``shuffle_window`` at a time,
+        each window with the permutation of its rows (the same draws every time)."""
+        rng, pieces, k = self._rng(), self._pieces(), self.config.shuffle_window
+        order = rng.permutation(len(pieces))
+        for w in range(0, len(order), k):
+            window = [pieces[i] for i in order[w:w + k]]
+            yield window, rng.permutation(sum(hi - lo for _, lo, hi in window))
+
+    def _window_tables(self) -> Iterator[pa.Table]:
+        """The windowed shuffle's rows, one table per window, up to ``rank_rows`` rows: what
+        :meth:`plan` lists, with one window of rows held at a time."""
+        left = self.rank_rows
+        for window, perm in self._windows():
+            if left <= 0:
+                return
+            table = pa.concat_tables([self._read_group(g).slice(lo, hi - lo)
+                                      for g, lo, hi in window])
+            yield table.take(pa.array(perm[:left]))
+            left -= min(left, perm.size)
+
     def _tables_of_ranges(self) -> Iterator[pa.Table]:
         """This rank's rows in time order (newest first with ``reverse``), one table per row
         group piece, up to ``rank_rows`` rows: what :meth:`plan` lists, without listing it."""
         reverse, left = self.config.reverse, self.rank_rows
-        starts = self.groups.starts
-        pieces = []  # (row group, first, end) within the group, in file order
-        for start, end in self.row_ranges:
-            gi = int(np.searchsorted(starts, start, side="right")) - 1
-            while gi + 1 < starts.size and starts[gi] < end:
-                pieces.append((gi, max(start, starts[gi]) - starts[gi],
-                               min(end, starts[gi + 1]) - starts[gi]))
-                gi += 1
+        pieces = self._pieces()
         for gi, lo, hi in (reversed(pieces) if reverse else pieces):
             if left <= 0:
                 return

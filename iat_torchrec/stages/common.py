@@ -116,11 +116,13 @@ def check_inputs(train_log: str, valid_log: str, export_logs: Sequence[str], sto
 
 def stage_reader(path: Union[str, Sequence[str]], spec: FeatureSpec, batch_size: int,
                  env: DistEnv, order: ReadOrder, seed: int = 0, reverse: bool = False,
-                 partition: Partition = Partition.STEPS) -> InstanceLogReader:
+                 partition: Partition = Partition.STEPS, shuffle_window: int = 0
+                 ) -> InstanceLogReader:
     """This rank's reader of ``path`` (a log, or a list of logs read as one)."""
     return InstanceLogReader(path, spec, ReaderConfig(batch_size=batch_size, order=order,
                                                       seed=seed, reverse=reverse,
-                                                      partition=partition),
+                                                      partition=partition,
+                                                      shuffle_window=shuffle_window),
                              rank=env.rank, world_size=env.world_size)
 
 

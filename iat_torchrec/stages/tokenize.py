@@ -84,7 +84,8 @@ def run_tokenize(cfg: TokenizeConfig) -> Optional[Dict[str, Any]]:
 
     def make_reader(epoch: int) -> InstanceLogReader:
         return stage_reader(cfg.train_log, spec, cfg.train.batch_size, env, ReadOrder.SHUFFLED,
-                            seed=cfg.train.seed + epoch, partition=cfg.train.partition)
+                            seed=cfg.train.seed + epoch, partition=cfg.train.partition,
+                            shuffle_window=cfg.train.shuffle_window)
 
     history: List[Dict[str, Any]] = []
 

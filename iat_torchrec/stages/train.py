@@ -278,10 +278,12 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
 
     def reader(split: str, path: str, order: ReadOrder) -> DownstreamReader:
         shards = inputs.shards[split]
-        partition = cfg.train.partition if split == "train" else Partition.STEPS
+        train = split == "train"
         return DownstreamReader(
-            path, spec, ReaderConfig(batch_size=cfg.train.batch_size, order=order,
-                                     seed=cfg.train.seed, partition=partition),
+            path, spec, ReaderConfig(
+                batch_size=cfg.train.batch_size, order=order, seed=cfg.train.seed,
+                partition=cfg.train.partition if train else Partition.STEPS,
+                shuffle_window=cfg.train.shuffle_window if train else 0),
             env.rank, env.world_size, history=shards,
             store=inputs.history_store if shards is not None else None, device=env.device,
             item_feature=mcfg.item_feature if k else "", item_history_len=k,

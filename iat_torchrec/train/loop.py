@@ -47,6 +47,10 @@ class TrainConfig:
                 "exactly as one with W times the batch; every process decodes every row "
                 "group) | row_groups (each process decodes only its own row groups; which "
                 "rows share a step then differs from one process)"})
+    shuffle_window: int = dataclasses.field(default=0, metadata={
+        "help": "partition row_groups, shuffled train log: 0: one permutation of the "
+                "process's rows | k: its row group pieces in a random order, rows shuffled "
+                "within windows of k pieces (memory flat in the log)"})
 
 
 def padded(batches: Iterable[InstanceBatch], total: int) -> Iterator[InstanceBatch]:
