@@ -73,7 +73,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         for dtype in DTYPES:
             store = TokenStore.open(f"{tmp}/{dtype}")
             whole = InstanceTokenLookup(store)
-            sharded = make_token_lookup(store, LookupConfig())  # auto: row-wise on 2 ranks
+            sharded = make_token_lookup(store, LookupConfig(shard_min_bytes=0))  # auto: row-wise
             assert isinstance(sharded, ShardedInstanceTokenLookup)
             # This rank's range only, as stored: int8 rows stay int8 (d + 4 bytes each).
             assert (sharded.lo, sharded.hi, sharded.local_rows) == (lo, hi, hi - lo)
@@ -83,12 +83,14 @@ def _worker(rank: int, world: int, tmp: str) -> None:
                 got = sharded(ids)
                 assert got.shape == (*ids.shape, D) and got.dtype == torch.float32
                 assert torch.equal(got, whole(ids)), (dtype, (got - whole(ids)).abs().max())
-            half = make_token_lookup(store, LookupConfig(output_dtype="fp16"))
+            half = make_token_lookup(store, LookupConfig(output_dtype="fp16", shard_min_bytes=0))
             assert torch.equal(half(asks[0]),
                                InstanceTokenLookup(store, output_dtype="fp16")(asks[0]))
+            # auto keeps a store under shard_min_bytes whole in every process.
+            assert isinstance(make_token_lookup(store, LookupConfig()), InstanceTokenLookup)
         iat = TokenStore.open(f"{tmp}/fp32")
         sif = TokenStore.open(f"{tmp}/sif")
-        codes = make_code_lookup(sif, LookupConfig(), rows_like=iat)
+        codes = make_code_lookup(sif, LookupConfig(shard_min_bytes=0), rows_like=iat)
         assert isinstance(codes, ShardedSampleCodeLookup)
         assert codes.local_rows == hi - lo and codes.local_bytes == (hi - lo) * T * M
         whole_codes = SampleCodeLookup.from_store(sif, rows_like=iat)
@@ -159,15 +161,16 @@ def train_on_two(args: dict, out: Path) -> dict:
                                                          ("sif_both", "mixer", ("iat", "sif"))])
 def test_two_processes_shard_the_stores_and_match_one(int8_world, tmp_path, monkeypatch,
                                                       source, interaction, stores):
-    """2 processes, the lookup left at its default: each holds half of each store (the int8
-    tokens still int8), and the metrics are those of 1 process holding the whole stores."""
+    """2 processes, the lookup at auto with no size floor: each holds half of each store (the
+    int8 tokens still int8), and the metrics are those of 1 process holding the whole
+    stores."""
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     s, h = int8_world["splits"], int8_world["history"]
     args = {"train_log": s["train"], "valid_log": s["valid"], "test_log": s["test"],
             "train_history": h["train"], "valid_history": h["valid"], "test_history": h["test"],
             **{f"{k}_store": int8_world[k] for k in stores}}
     args = {**{k: str(v) for k, v in args.items()}, "model.history_source": source,
-            "model.interaction": interaction}
+            "model.interaction": interaction, "lookup.shard_min_bytes": "0"}
     one = run_train(parse_config(TrainDownstreamConfig, [
         *(a for k, v in args.items() for a in (f"--{k}", v)), *SMALL_MODEL]))
     two = train_on_two(args, tmp_path)

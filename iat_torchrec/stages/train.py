@@ -121,7 +121,8 @@ class TrainDownstreamConfig(TrainingStageConfig):
 
 # Settings that do not shape training: a resume may change them.
 NOT_IN_FINGERPRINT = (*COMMON_NOT_IN_FINGERPRINT, "valid_log", "test_log", "valid_history",
-                      "test_history", "lookup.sharding", "lookup.location")
+                      "test_history", "lookup.sharding", "lookup.location",
+                      "lookup.shard_min_bytes")
 
 
 @dataclasses.dataclass

@@ -321,9 +321,13 @@ class LookupConfig:
     """How each process holds the frozen token and code stores."""
 
     sharding: str = dataclasses.field(default="auto", metadata={
-        "help": "auto (row_wise with more than one process, else none) | none (the whole store "
-                "in every process) | row_wise (a contiguous row range per process, rows kept "
-                "as stored, int8 included) | table_wise (the whole store on rank 0)"})
+        "help": "auto (row_wise with more than one process for a store of at least "
+                "shard_min_bytes, else none) | none (the whole store in every process) | "
+                "row_wise (a contiguous row range per process, rows kept as stored, int8 "
+                "included) | table_wise (the whole store on rank 0)"})
+    shard_min_bytes: int = dataclasses.field(default=256 << 20, metadata={
+        "help": "auto: the store size from which it is sharded (below, a whole copy per "
+                "process costs less than the two all-to-alls of every sharded lookup)"})
     location: Optional[str] = dataclasses.field(default=None, metadata={
         "help": "CUDA: device | managed | managed_caching (UVM for large stores), where each "
                 "process's token table lives"})
@@ -331,20 +335,22 @@ class LookupConfig:
         "help": "fp32 | fp16: the looked-up tokens' type"})
 
 
-def _sharding(config: LookupConfig, process_group: Optional[dist.ProcessGroup]) -> str:
+def _sharding(config: LookupConfig, store: TokenStore,
+              process_group: Optional[dist.ProcessGroup]) -> str:
     if config.sharding not in SHARDINGS:
         raise TokenLookupError(f"sharding must be one of {SHARDINGS}, got {config.sharding!r}")
     if config.sharding != "auto":
         return config.sharding
     several = dist.is_initialized() and dist.get_world_size(process_group) > 1
-    return "row_wise" if several else "none"
+    large = store.num_rows * store.row_bytes >= config.shard_min_bytes
+    return "row_wise" if several and large else "none"
 
 
 def make_token_lookup(store: TokenStore, config: LookupConfig,
                       device: Union[str, torch.device] = "cpu",
                       process_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
     """The token lookup ``config`` asks for."""
-    sharding = _sharding(config, process_group)
+    sharding = _sharding(config, store, process_group)
     if sharding == "none":
         return InstanceTokenLookup(store, device, location=config.location,
                                    output_dtype=config.output_dtype)
@@ -360,7 +366,7 @@ def make_code_lookup(store: TokenStore, config: LookupConfig,
                      process_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
     """The code lookup ``config`` asks for (its ``sharding``; ``location`` and ``output_dtype``
     concern tokens only)."""
-    sharding = _sharding(config, process_group)
+    sharding = _sharding(config, store, process_group)
     if sharding == "none":
         return SampleCodeLookup.from_store(store, device, rows_like)
     return ShardedSampleCodeLookup(store, device, rows_like, sharding_type=sharding,
