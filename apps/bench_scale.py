@@ -28,11 +28,9 @@ rank decodes every row group (temporal: the keys of every row group too).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -41,9 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from iat_torchrec.atomic import atomic_output
-from iat_torchrec.benchmark import markdown_table
-from iat_torchrec.config import parse_config, to_dict
+from iat_torchrec.benchmark import benchmark_results, markdown_table
+from iat_torchrec.config import parse_config
 from iat_torchrec.data.log import read_provenance
 from iat_torchrec.data.reader import InstanceLogReader, Partition, ReaderConfig, ReadOrder
 from iat_torchrec.data.synthetic import SyntheticConfig, generate, provenance
@@ -242,14 +239,9 @@ def run(cfg: BenchScaleConfig) -> Dict[str, Any]:
          ("row_groups", ">10,.0f"), ("x", ">5.2f"), ("rows decoded steps", ">18,d"),
          ("row_groups", ">10,d"), ("x", ">5.2f"), ("share", ">11,d")],
         _summary(cells)))
-    result = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-              "cpus": os.cpu_count(), "config": to_dict(cfg),
-              "fields": {"sparse": cfg.sparse_fields, "dense": cfg.dense_fields, "keys": 3,
-                         "labels": 1}, "cells": cells}
-    if cfg.out:
-        with atomic_output(cfg.out, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return benchmark_results(cfg, cfg.out, fields={"sparse": cfg.sparse_fields,
+                                                   "dense": cfg.dense_fields, "keys": 3,
+                                                   "labels": 1}, cells=cells)
 
 
 def main(argv: Sequence[str] = ()) -> int:

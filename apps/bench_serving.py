@@ -25,11 +25,9 @@ feature checks, the history query and batching cost on top of the model.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import http.client
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -43,8 +41,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import torch
 
-from iat_torchrec.atomic import atomic_output
-from iat_torchrec.benchmark import best_time, markdown_table
+from iat_torchrec.benchmark import benchmark_results, best_time, markdown_table
 from iat_torchrec.config import parse_config
 from iat_torchrec.pipeline.ablation import BLIND, AblationConfig, arm_dir
 from iat_torchrec.serving.bundle import Bundle, ExportConfig, export_bundle
@@ -262,12 +259,7 @@ def run(cfg: BenchServingConfig) -> Dict[str, Any]:
           r["p99_ms"], r["requests_per_s"], r["offline_forward_ms"], r["overhead"]]
          for r in rows])
     print(table)
-    result = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-              "cpus": os.cpu_count(), "config": dataclasses.asdict(cfg), "rows": rows}
-    if cfg.out:
-        with atomic_output(cfg.out, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return benchmark_results(cfg, cfg.out, rows=rows)
 
 
 def main(argv: Sequence[str] = ()) -> int:

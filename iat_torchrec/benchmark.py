@@ -1,18 +1,21 @@
 """What the benchmark apps (``apps/bench_*.py``) share: pinning to one core, best-of-N timing,
 the device's limits measured in the same run (matmul rate, copy bandwidth) and the roofline,
-Markdown rate tables, the Criteo-shaped log. Importing it needs PyTorch only (the pure-PyTorch
+Markdown rate tables, the results file, the Criteo-shaped log. Importing it needs PyTorch only (the pure-PyTorch
 benchmarks run where nothing else is installed): pyarrow and the data package load on use."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import os
+import platform
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -129,6 +132,20 @@ def import_seconds(modules: Sequence[str], repeats: int) -> float:
 
 
 _SPEC = re.compile(r"([<>^]?)(\d+)")
+
+
+def benchmark_results(config: Any, out: str, **fields: Any) -> Dict[str, Any]:
+    """A benchmark's results: date, machine, CPUs, its ``config`` (a dataclass) and ``fields``,
+    written as JSON to ``out`` (atomically; nothing when empty)."""
+    from iat_torchrec.atomic import atomic_output
+    from iat_torchrec.config import to_dict
+
+    result = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
+              "cpus": os.cpu_count(), "config": to_dict(config), **fields}
+    if out:
+        with atomic_output(out, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def markdown_table(columns: Sequence[Tuple[str, str]], rows: Sequence[Sequence[object]]) -> str:
