@@ -494,8 +494,8 @@ class InstanceLogReader:
         if self._shuffles_windows():
             starts = self.groups.starts
             return np.concatenate(
-                [np.concatenate([np.arange(starts[g] + lo, starts[g] + hi) for g, lo, hi
-                                 in pieces])[perm] for pieces, perm in self._windows()]
+                [_rows_of(np.array([(starts[g] + lo, starts[g] + hi) for g, lo, hi in window]))
+                 [perm] for window, perm in self._windows()]
                 or [np.empty(0, dtype=np.int64)])[:self.rank_rows]
         own = _rows_of(self.row_ranges)
         return own[self._rng().permutation(own.size)[:self.rank_rows]]

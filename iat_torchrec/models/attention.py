@@ -126,10 +126,10 @@ class MultiHeadAttention(nn.Module):
         if groups is not None:  # queries of a group side by side: [M, h, width * Q, dh]
             q, k_own, v_own = (groups.to_grid(t).transpose(1, 2).flatten(2, 3)
                                for t in (q, k_own, v_own))
-        row = torch.arange(nq * (1 if groups is None else groups.width), device=x.device) // nq
-        own = row[:, None] == row[None, :]  # a query sees its own row's positions only
         mask = None
         if memory_mask is not None or groups is not None:
+            row = torch.arange(q.shape[2], device=x.device) // nq
+            own = row[:, None] == row[None, :]  # a query sees its own row's positions only
             m, s = memory.shape[:2]
             mem = (torch.ones(m, s, dtype=torch.bool, device=x.device) if memory_mask is None
                    else memory_mask)
