@@ -218,6 +218,77 @@ def test_output_exists_and_overwrite(csv_dir, tmp_path):
         import_movielens(csv_dir, csv_dir / "out")
 
 
+# --------------------------------------------------------------------------- genre domains
+@pytest.fixture
+def genre_dir(tmp_path):
+    """Users 1 (both domains), 2 (action only) and 3 (other only)."""
+    return source_dir(tmp_path / "genres", {
+        "ratings.csv": "userId,movieId,rating,timestamp\n"
+                       "1,1,4.0,100\n"
+                       "1,2,3.0,200\n"
+                       "1,3,5.0,300\n"
+                       "2,1,2.0,150\n"
+                       "3,4,4.0,250\n"
+                       "3,5,1.0,260\n"
+                       "1,99,4.0,400\n",
+        "movies.csv": "movieId,title,genres\n"
+                      "1,Die Hard (1988),Action|Thriller\n"
+                      "2,Toy Story (1995),Animation|Children|Comedy\n"
+                      "3,Shaun of the Dead (2004),Comedy|Horror\n"
+                      "4,Untitled,(no genres listed)\n"
+                      "5,Big Screen (2010),IMAX\n",
+        "tags.csv": "userId,movieId,tag,timestamp\n1,1,classic,50\n1,2,cute,50\n",
+        "README.txt": "licence text\n"})
+
+
+@pytest.mark.filterwarnings("ignore:.*ratings of movies missing")
+def test_domains_partition_the_ratings(genre_dir, tmp_path):
+    """action: any genre of the group (Comedy|Horror too); other: the rest, no genres and
+    movies missing from the catalogue included; same vocabularies and spec as the whole."""
+    import_movielens(genre_dir, tmp_path / "all")
+    full = read_log(tmp_path / "all")
+    logs = {}
+    for domain in ("action", "other"):
+        import_movielens(genre_dir, tmp_path / domain, domain=domain)
+        logs[domain] = read_log(tmp_path / domain)
+        assert FeatureSpec.load(tmp_path / domain) == FeatureSpec.load(tmp_path / "all")
+        assert ((tmp_path / domain / VOCAB_FILE_NAME).read_bytes()
+                == (tmp_path / "all" / VOCAB_FILE_NAME).read_bytes())
+        assert json.loads((tmp_path / domain / "provenance.json").read_text())["domain"] == domain
+        assert (tmp_path / domain / "README.txt").read_text() == "licence text\n"
+        assert logs[domain]["instance_id"].to_pylist() == list(range(logs[domain].num_rows))
+    assert "domain" not in json.loads((tmp_path / "all" / "provenance.json").read_text())
+
+    def rows(t):
+        return list(zip(*(t[c].to_pylist() for c in ("ts", "user_id", "movie"))))
+
+    # movies by id: 1 -> 1, ..., 5 -> 5; 99 is missing (0)
+    assert rows(logs["action"]) == [(100, 1, 1), (150, 2, 1), (300, 1, 3)]
+    assert rows(logs["other"]) == [(200, 1, 2), (250, 3, 4), (260, 3, 5), (400, 1, 0)]
+    assert sorted(rows(logs["action"]) + rows(logs["other"])) == rows(full)
+    # users shared: 1 in both, 2 action only, 3 other only
+    users = {d: set(t["user_id"].to_pylist()) for d, t in logs.items()}
+    assert users["action"] & users["other"] == {1}
+    assert users["action"] | users["other"] == set(full["user_id"].to_pylist())
+    # history features count the domain's own ratings only
+    assert logs["action"]["count_bucket"].to_pylist() == [1, 1, 2]
+    assert logs["action"]["gap_bucket"].to_pylist() == [1, 1, int(log_bucket(np.array([200]))[0])]
+    assert full.filter(pa.compute.equal(full["ts"], 300))["count_bucket"].to_pylist() == [4]
+    # tags (classic 1, cute 2) attach to the domain's ratings only
+    assert logs["action"]["tags"].to_pylist() == [[1], [], []]
+    assert logs["other"]["tags"].to_pylist() == [[2], [], [], []]
+
+
+def test_bad_domain(genre_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"^domain 'comedy': expected one of "
+                                         r"\('', 'action', 'other'\)$"):
+        import_movielens(genre_dir, tmp_path / "out", domain="comedy")
+    write(genre_dir / "ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.0,200\n")
+    with pytest.raises(MovieLensError, match=r"ratings\.csv: no ratings in domain 'action'"):
+        import_movielens(genre_dir, tmp_path / "out", domain="action")
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- ml-100k fixture
 def _flags(*on):
     return "|".join("1" if i in on else "0" for i in range(19))

@@ -32,7 +32,8 @@ Every user has a period ``P_u`` log-uniform in [10, 40] days; every (user, key) 
 start`` in days. The phases
 of different keys are independent, so the user's clicks in *other* contexts say nothing about the
 drifting part of this context, and a static user embedding averages it out to zero: only the
-user's *recent labels in the same context* reveal it.
+user's *recent labels in the same context* reveal it. (In a domain d >= 1 it is mixed with an
+independent one: see Domains.)
 
 **Items** (static part). Base popularity ``v_i ~ Zipf(item_zipf_exponent)``. Category ~ Zipf-like
 over ``C`` categories (exponent 0.8), brand ``= category * 20 + floor(20 u^2)`` (20 brands per
@@ -87,6 +88,46 @@ user/item part ``a_u + a_i + f(p . q)`` alone 0.711. :func:`oracle_auc` computes
 the logged columns alone, the click correlates 0.21 with the mean of the user's previous 5 labels
 in the same context key and 0.07 with the previous 5 in the paired key (same device, other part of
 the day); with ``context_strength=0`` both are 0.10 (``tests/test_synthetic.py`` checks this).
+For ``cfg = SyntheticConfig(num_instances=25000, num_users=100, num_items=2000)`` (every row,
+``oracle_auc(dataclasses.replace(cfg, domain=1, domain_correlation=rho))``) domain 1 has, at
+rho = 0 / 0.5 / 1: ``transferable`` 0.723 / 0.739 / 0.797, ``bayes`` 0.805 / 0.802 / 0.797,
+``no_drift`` 0.735 / 0.729 / 0.726 (domain 0: ``bayes`` 0.804, ``no_drift`` 0.738, ``static``
+0.710). From the logged columns, the domain-1 click correlates 0.06 / 0.13 / 0.20 with the mean
+of the user's previous 5 *domain-0* labels in the same context key, and 0.07 at every rho with
+those in the paired key (1,000 users and items, 20 categories, 60,000 instances in 30 days;
+``tests/test_synthetic_domains.py`` checks this).
+
+**Domains** (``domain``, ``domain_correlation``). ``domain = 0`` (the default) is the log
+described above. A domain ``d >= 1`` is another scenario of the *same users*: every user quantity
+(activity ``w_u``, attributes, time zone, device mix, sign-up, the preferred category indices
+``c_u*``, ``p_u``, ``a_u``, ``P_u``) comes from the same streams as in domain 0 and is identical,
+and so are the category embeddings ``E_cat`` (a category index means the same in every domain).
+Everything else is the domain's own, from streams keyed by ``d``: its items (popularity,
+categories, brands, prices, tags, ``E_brand``, ``E_tag`` and the noise of ``q_i``, biases, drift
+periods and phases; ``num_items`` and ``num_categories`` as configured), arrivals, devices, slots,
+item choices, label noise and field noise, and the calibration (``f`` and ``b0`` solved on the
+domain's own pilot). A preferred category with no items in domain d sends its traffic to the
+nearest earlier non-empty category. The feature spec is domain 0's (same fields and
+vocabularies), but an item id names a different item in each domain; a user id the same user.
+
+The user x context propensity mixes domain 0's with an independent one of the same form: with the
+domain's own phases ``phi'_uk ~ U[0, 2 pi)`` and offsets ``o'_uk ~ N(0, 0.3^2)``, ``rho =
+domain_correlation`` and ``rho' = sqrt(1 - rho^2)``,
+
+``g^d_uk(t) = rho g^0_uk(t) + rho' context_strength (o'_uk + 1.2 sin(2 pi (t - start) / P_u +
+phi'_uk))``,
+
+i.e. the offset ``rho o_uk + rho' o'_uk`` and the drift ``1.2 A_uk sin(2 pi (t - start) / P_u +
+phi^d_uk)`` with ``A_uk exp(i phi^d_uk) = rho exp(i phi_uk) + rho' exp(i phi'_uk)``: a sinusoid of
+the same period with ``E A_uk^2 = 1``, so offsets and drift keep domain 0's variance over (user,
+key) pairs (one pair's amplitude varies when 0 < rho < 1) and correlate ``rho`` with domain 0's.
+``rho = 1`` gives domain 0's propensity exactly, ``rho = 0`` an independent one (the control).
+Given domain 0's propensity the best guess of domain d's is ``rho g^0_uk(t)`` (the truth's
+``user_context_transferable``; ``oracle_auc``'s ``transferable``): a model in domain d that reads
+the user's domain-0 history with its context and labels (e.g. instance tokens of a source model
+trained on domain 0) can recover that part, and nothing of it at ``rho = 0``. The user's overall
+domain-0 click rate says something in domain d at any rho (``a_u`` and ``p_u`` are shared); only
+the same-context part transfers in proportion to rho.
 
 **Fields.** ``num_sparse_fields`` sparse fields: the first are the meaningful ones in this order
 (so a smaller count keeps the most important; at least ``user`` and ``item_id``):
@@ -109,7 +150,9 @@ user x context term.
 
 **Randomness.** Every quantity comes from its own ``numpy`` stream, ``SeedSequence(seed,
 spawn_key=...)`` keyed by (purpose, chunk, field): adding fields does not change the others, and
-chunks can be generated in any order or in parallel.
+chunks can be generated in any order or in parallel. A domain d >= 1 appends ``d`` to the keys of
+its own streams (items, pilot, chunks, its own propensity phases and offsets) and reads the users'
+streams (and ``E_cat``) with domain 0's keys.
 """
 
 from __future__ import annotations
@@ -194,6 +237,12 @@ class SyntheticConfig:
         "help": "embedding_dim of every sparse field in the spec (multiple of 4)"})
     label_delay_s: int = field(default=3600, metadata={
         "help": "seconds after ts at which a click label becomes known (spec label_delay_s)"})
+    domain: int = field(default=0, metadata={
+        "help": "which domain's log to write: 0 the source domain, d >= 1 another domain of the "
+                "same users with its own items, arrivals and labels (see Domains)"})
+    domain_correlation: float = field(default=0.0, metadata={
+        "help": "rho in [0, 1]: correlation of a domain d >= 1's user x context propensity with "
+                "domain 0's (unused in domain 0)"})
     start_ts: int = field(default=1_704_067_200, metadata={
         "help": "start of the log, UTC seconds, a whole hour (default 2024-01-01)"})
     rows_per_file: int = field(default=2_000_000, metadata={"help": "rows per Parquet file"})
@@ -223,6 +272,11 @@ class SyntheticConfig:
                              "of 3600)")
         if self.seed < 0:
             raise ValueError("SyntheticConfig.seed must be >= 0")
+        if self.domain < 0:
+            raise ValueError(f"SyntheticConfig.domain must be >= 0, got {self.domain}")
+        if not 0.0 <= self.domain_correlation <= 1.0:
+            raise ValueError("SyntheticConfig.domain_correlation must be in [0, 1], got "
+                             f"{self.domain_correlation}")
 
 
 # =============================================================================== random streams
@@ -316,14 +370,14 @@ class _World:
 
     def __init__(self, cfg: SyntheticConfig) -> None:
         self.cfg = cfg
+        self.domain_key = (cfg.domain,) if cfg.domain else ()
         U, I, C = cfg.num_users, cfg.num_items, cfg.num_categories
-        r = lambda *k: _rng(cfg.seed, _S_WORLD, *k)  # noqa: E731
+        r = lambda *k: _rng(cfg.seed, _S_WORLD, *k)  # noqa: E731  (shared by all domains)
+        rd = lambda *k: self.rng(_S_WORLD, *k)  # noqa: E731  (the domain's own)
 
         # ---------------------------------------------------------------- items
-        g = r(1)
-        self.item_w = _zipf_weights(g, I, cfg.item_zipf_exponent)
-        cat_p = (np.arange(C) + 1.0) ** -0.8
-        self.item_cat = g.choice(C, size=I, p=cat_p / cat_p.sum()).astype(np.int64)
+        g = rd(1)
+        self.item_w, self.item_cat = _popularity_and_category(g, cfg)
         self.item_brand = (self.item_cat * BRANDS_PER_CATEGORY
                            + np.floor(BRANDS_PER_CATEGORY * g.random(I) ** 2).astype(np.int64))
         cat_price = g.normal(3.0, 1.0, C)
@@ -336,7 +390,7 @@ class _World:
         self.item_period = np.exp(g.uniform(np.log(7.0), np.log(60.0), I))
         self.item_phase = g.uniform(0.0, 2 * np.pi, I)
         # tags: CSR, sorted and unique per item
-        g = r(2)
+        g = rd(2)
         ntag = g.choice(5, size=I, p=[0.1, 0.3, 0.3, 0.2, 0.1])
         owner = np.repeat(np.arange(I, dtype=np.int64), ntag)
         own = g.random(owner.size) < 0.7
@@ -348,10 +402,12 @@ class _World:
         counts = np.bincount(key // NUM_TAGS, minlength=I)
         self.tag_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.tag_counts = counts.astype(np.int64)
-        # latent vectors
+        # latent vectors (category embeddings shared by all domains, the rest the domain's own)
         g = r(3)
         sd = 1.0 / math.sqrt(LATENT_DIM)
         E_cat = g.normal(0, sd, (C, LATENT_DIM))
+        if cfg.domain:
+            g = rd(3)
         E_brand = g.normal(0, sd, (C * BRANDS_PER_CATEGORY, LATENT_DIM))
         E_tag = g.normal(0, sd, (NUM_TAGS, LATENT_DIM))
         tag_sum = np.stack([np.bincount(key // NUM_TAGS, weights=E_tag[self.tag_values, j],
@@ -365,9 +421,14 @@ class _World:
         sorted_cat = self.item_cat[self.item_order]
         self.cat_lo = np.searchsorted(sorted_cat, np.arange(C), side="left").astype(np.int64)
         self.cat_hi = np.searchsorted(sorted_cat, np.arange(C), side="right").astype(np.int64)
-        cat_pop = np.bincount(self.item_cat, weights=self.item_w, minlength=C)
 
-        # ---------------------------------------------------------------- users
+        # ---------------------------------------------------------------- users (shared)
+        # The preferred categories are drawn from domain 0's category popularity.
+        src_w, src_cat = ((self.item_w, self.item_cat) if not cfg.domain else
+                          _popularity_and_category(r(1), cfg))
+        cat_pop = np.bincount(src_cat, weights=src_w, minlength=C)
+        src_count = np.bincount(src_cat, minlength=C)
+        src_hi = np.cumsum(src_count)
         g = r(4)
         self.user_w = _zipf_weights(g, U, cfg.user_zipf_exponent)
         self.user_age = g.choice(NUM_AGE, size=U, p=[.08, .2, .25, .2, .13, .09, .05])
@@ -382,6 +443,8 @@ class _World:
         cat_cum = np.cumsum(cat_pop)
         pref = np.minimum(np.searchsorted(cat_cum, g.random((U, 3)) * cat_cum[-1],
                                           side="right"), C - 1)
+        pref = _nonempty(src_hi - src_count, src_hi)[pref]
+        # the categories the user's traffic draws from in this domain (pref itself in domain 0)
         self.user_pref = _nonempty(self.cat_lo, self.cat_hi)[pref].astype(np.int64)
         self.user_signup = (cfg.start_ts - (g.exponential(400.0, U) * 86400)).astype(np.int64)
         self.user_bias = g.normal(0.0, 0.4, U).astype(np.float32)
@@ -390,7 +453,7 @@ class _World:
         E_gender = g.normal(0, sd, (NUM_GENDER, LATENT_DIM))
         E_region = g.normal(0, sd, (NUM_REGIONS, LATENT_DIM))
         p = (0.5 * E_age[self.user_age] + 0.3 * E_gender[self.user_gender]
-             + 0.3 * E_region[self.user_region] + 0.8 * E_cat[self.user_pref].mean(axis=1)
+             + 0.3 * E_region[self.user_region] + 0.8 * E_cat[pref].mean(axis=1)
              + 0.5 * g.normal(0, sd, (U, LATENT_DIM)))
         sens = 0.8 - 0.1 * self.user_age + g.normal(0, 0.2, U)
         self.user_p = np.concatenate([p, 0.3 * sens[:, None]], axis=1).astype(np.float32)
@@ -398,6 +461,11 @@ class _World:
         self.user_period = np.exp(g.uniform(np.log(10.0), np.log(40.0), U)).astype(np.float32)
         self.ctx_phase = g.uniform(0.0, 2 * np.pi, (U, NUM_CONTEXT_KEYS)).astype(np.float32)
         self.ctx_offset = g.normal(0.0, 0.3, (U, NUM_CONTEXT_KEYS)).astype(np.float32)
+        if cfg.domain:  # the domain's own phases and offsets, mixed with domain 0's (Domains)
+            g = rd(6)
+            self.own_ctx_phase = g.uniform(0.0, 2 * np.pi, (U, NUM_CONTEXT_KEYS)
+                                           ).astype(np.float32)
+            self.own_ctx_offset = g.normal(0.0, 0.3, (U, NUM_CONTEXT_KEYS)).astype(np.float32)
         # users sorted by zone, for zone-then-user sampling
         Z = len(TZ_OFFSETS)
         self.user_order = np.argsort(self.user_zone, kind="stable").astype(np.int64)
@@ -429,7 +497,7 @@ class _World:
         # ---------------------------------------------------------------- calibration
         self.aff_scale = 1.0
         self.b0 = 0.0
-        pilot = self.draw(_rng(cfg.seed, _S_PILOT, 0), None, PILOT_ROWS)
+        pilot = self.draw(self.rng(_S_PILOT, 0), None, PILOT_ROWS)
         aff = pilot.affinity_raw
         self.aff_scale = AFFINITY_STD / max(float(aff.std()), 1e-9)
         rest = pilot.logit_without_b0(self)
@@ -446,6 +514,31 @@ class _World:
         self.static_std = max(float(static.std()), 1e-9)
         act = np.log(self.user_w)
         self.user_activity_z = ((act - act.mean()) / max(act.std(), 1e-9)).astype(np.float32)
+
+    def rng(self, *key: int) -> np.random.Generator:
+        """The stream of ``key`` in this domain: domain d >= 1 appends d to the spawn key."""
+        return _rng(self.cfg.seed, *key, *self.domain_key)
+
+    def propensity(self, user: np.ndarray, key: np.ndarray, t_days: np.ndarray
+                   ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """The user x context propensity ``g_uk(t)`` of this domain as (static offset part,
+        drifting part), and ``rho g^0_uk(t)``, the part predictable from domain 0's (None in
+        domain 0); ``t_days`` float32 days since the start."""
+        cfg = self.cfg
+        flat = user * NUM_CONTEXT_KEYS + key
+        angle = 2 * np.pi * t_days / self.user_period[user]
+        static = cfg.context_strength * self.ctx_offset.reshape(-1)[flat]
+        drift = (cfg.context_strength * CONTEXT_AMPLITUDE
+                 * np.sin(angle + self.ctx_phase.reshape(-1)[flat]))
+        if not cfg.domain:
+            return static, drift, None
+        rho = cfg.domain_correlation
+        own_weight = math.sqrt(1.0 - rho * rho)  # rho'
+        own_static = cfg.context_strength * self.own_ctx_offset.reshape(-1)[flat]
+        own_drift = (cfg.context_strength * CONTEXT_AMPLITUDE
+                     * np.sin(angle + self.own_ctx_phase.reshape(-1)[flat]))
+        return (rho * static + own_weight * own_static, rho * drift + own_weight * own_drift,
+                rho * (static + drift))
 
     # ------------------------------------------------------------------ popularity per day
     def epoch(self, e: int) -> Tuple[np.ndarray, "_Guide"]:
@@ -470,9 +563,8 @@ class _World:
              lo: float = 0.0, hi: float = 1.0) -> "_Rows":
         """Draw ``n`` instances whose cumulative-rate positions lie in [lo, hi)."""
         cfg = self.cfg
-        seed = cfg.seed
         key = (_S_CHUNK, chunk) if chunk is not None else (_S_PILOT, 1)
-        sub = lambda p: _rng(seed, *key, p)  # noqa: E731
+        sub = lambda p: self.rng(*key, p)  # noqa: E731
         # time
         u = _sorted_uniforms(rng_time, n, lo, hi)
         t_hours = np.interp(u, self.time_cum, np.arange(self.time_cum.size, dtype=np.float64))
@@ -531,6 +623,20 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def _days(cfg: SyntheticConfig, ts: np.ndarray) -> np.ndarray:
+    """Days since the start of the log (float32) of UTC seconds ``ts``."""
+    return ((np.asarray(ts) - cfg.start_ts) / 86400.0).astype(np.float32)
+
+
+def _popularity_and_category(g: np.random.Generator, cfg: SyntheticConfig
+                             ) -> Tuple[np.ndarray, np.ndarray]:
+    """Items' base popularity and category: the first draws of a domain's item stream."""
+    C = cfg.num_categories
+    item_w = _zipf_weights(g, cfg.num_items, cfg.item_zipf_exponent)
+    cat_p = (np.arange(C) + 1.0) ** -0.8
+    return item_w, g.choice(C, size=cfg.num_items, p=cat_p / cat_p.sum()).astype(np.int64)
+
+
 class _Rows:
     """The core per-instance draws of one chunk, and the label built from them."""
 
@@ -543,13 +649,8 @@ class _Rows:
         self.label_rng = label_rng
         self.affinity_raw = np.einsum("ij,ij->i", world.user_p[user], world.item_q[item])
         self.ctx_key = 2 * device + ((hour >= 18) | (hour < 6))
-        w, cfg = world, world.cfg
-        t_days = ((ts - cfg.start_ts) / 86400.0).astype(np.float32)
-        flat = user * NUM_CONTEXT_KEYS + self.ctx_key
-        self.ctx_static = cfg.context_strength * w.ctx_offset.reshape(-1)[flat]
-        self.ctx_drift = (cfg.context_strength * CONTEXT_AMPLITUDE
-                          * np.sin(2 * np.pi * t_days / w.user_period[user]
-                                   + w.ctx_phase.reshape(-1)[flat]))
+        self.ctx_static, self.ctx_drift, self.ctx_transferable = world.propensity(
+            user, self.ctx_key, _days(world.cfg, ts))
         self.global_ctx = DEVICE_EFFECT[device] + HOUR_EFFECT[hour] + SLOT_EFFECT * slot
         self.pop = POP_LOGIT * drift
 
@@ -562,11 +663,14 @@ class _Rows:
         static = w.static_logit_parts(self).astype(np.float64)
         logit = (w.b0 + static + self.pop + self.ctx_static + self.ctx_drift + self.global_ctx
                  ).astype(np.float64)
-        return {"p": _sigmoid(logit), "logit": logit, "b0": np.full(self.n, w.b0),
-                "user_item": static, "item_popularity": self.pop.astype(np.float64),
-                "user_context_static": self.ctx_static.astype(np.float64),
-                "user_context_drift": self.ctx_drift.astype(np.float64),
-                "global_context": self.global_ctx.astype(np.float64)}
+        out = {"p": _sigmoid(logit), "logit": logit, "b0": np.full(self.n, w.b0),
+               "user_item": static, "item_popularity": self.pop.astype(np.float64),
+               "user_context_static": self.ctx_static.astype(np.float64),
+               "user_context_drift": self.ctx_drift.astype(np.float64),
+               "global_context": self.global_ctx.astype(np.float64)}
+        if self.ctx_transferable is not None:
+            out["user_context_transferable"] = self.ctx_transferable.astype(np.float64)
+        return out
 
 
 # =============================================================================== fields
@@ -710,7 +814,7 @@ def _make_chunk(world: _World, sparse, dense, c: int, truth: bool
     cfg = world.cfg
     N = cfg.num_instances
     a, b = c * CHUNK_ROWS, min(N, (c + 1) * CHUNK_ROWS)
-    rows = world.draw(_rng(cfg.seed, _S_CHUNK, c, _P_TIME), c, b - a, a / N, b / N)
+    rows = world.draw(world.rng(_S_CHUNK, c, _P_TIME), c, b - a, a / N, b / N)
     logit = world.b0 + rows.logit_without_b0(world)
     click = (rows.label_rng.random(rows.n) < _sigmoid(logit)).astype(np.int8)
     cols: Dict[str, object] = {
@@ -720,9 +824,9 @@ def _make_chunk(world: _World, sparse, dense, c: int, truth: bool
         LABEL: click,
     }
     for j, (f, fn) in enumerate(sparse):
-        cols[f.name] = fn(world, rows, _rng(cfg.seed, _S_CHUNK, c, _P_SPARSE + j))
+        cols[f.name] = fn(world, rows, world.rng(_S_CHUNK, c, _P_SPARSE + j))
     for j, (f, fn) in enumerate(dense):
-        cols[f.name] = fn(world, rows, _rng(cfg.seed, _S_CHUNK, c, _P_DENSE + j))
+        cols[f.name] = fn(world, rows, world.rng(_S_CHUNK, c, _P_DENSE + j))
     table = pa.table(cols)
     return table, (rows.truth(world) if truth else None)
 
@@ -760,8 +864,10 @@ def iter_tables_with_truth(config: SyntheticConfig, threads: Optional[int] = Non
                            ) -> Iterator[Tuple[pa.Table, Dict[str, np.ndarray]]]:
     """Like :func:`iter_tables`, with the true click probability ``"p"``, the true ``"logit"``
     and its additive parts per row (``b0``, ``user_item``, ``item_popularity``,
-    ``user_context_static``, ``user_context_drift``, ``global_context``). For tests and analysis:
-    none of these is written to the log."""
+    ``user_context_static``, ``user_context_drift``, ``global_context``); in a domain d >= 1
+    also ``user_context_transferable``, ``rho g^0_uk(t)``: the part of the two user x context
+    parts predictable from domain 0's propensity. For tests and analysis: none of these is
+    written to the log."""
     for table, truth in _iter(config, True, threads):
         assert truth is not None
         yield table, truth
@@ -792,26 +898,51 @@ def oracle_auc(config: SyntheticConfig, instance_ids: Optional[np.ndarray] = Non
     """AUCs of oracle scores on the generated labels: ``bayes`` (the true logit), ``no_drift``
     (the true logit without the drifting user x context term: the best a model blind to recent
     same-context history can hope for), ``static`` (user/item biases and affinity only), and the
-    data's ``ctr``; over every row, or over the rows of ``instance_ids`` (e.g. a test split)."""
-    ys, full, nodrift, static = [], [], [], []
+    data's ``ctr``; in a domain d >= 1 also ``transferable`` (the true logit with the user x
+    context propensity replaced by ``rho g^0_uk(t)``, its part predictable from domain 0's: the
+    most a model that knows domain 0's propensity but not this domain's own part can reach);
+    over every row, or over the rows of ``instance_ids`` (e.g. a test split)."""
+    scores: Dict[str, List[np.ndarray]] = {"bayes": [], "no_drift": [], "static": []}
+    if config.domain:
+        scores["transferable"] = []
+    ys = []
     for table, t in iter_tables_with_truth(config):
         keep = (np.ones(table.num_rows, dtype=bool) if instance_ids is None else
                 np.isin(table.column("instance_id").to_numpy(), instance_ids))
         ys.append(table.column(LABEL).to_numpy()[keep])
-        full.append(t["logit"][keep])
-        nodrift.append(t["logit"][keep] - t["user_context_drift"][keep])
-        static.append(t["user_item"][keep])
+        logit = t["logit"][keep]
+        scores["bayes"].append(logit)
+        scores["no_drift"].append(logit - t["user_context_drift"][keep])
+        scores["static"].append(t["user_item"][keep])
+        if config.domain:
+            scores["transferable"].append(
+                logit - t["user_context_static"][keep] - t["user_context_drift"][keep]
+                + t["user_context_transferable"][keep])
     y = np.concatenate(ys)
-    return {"bayes": _auc(y, np.concatenate(full)),
-            "no_drift": _auc(y, np.concatenate(nodrift)),
-            "static": _auc(y, np.concatenate(static)),
-            "ctr": float(y.mean())}
+    out = {k: _auc(y, np.concatenate(v)) for k, v in scores.items()}
+    out["ctr"] = float(y.mean())
+    return out
+
+
+def context_propensity(config: SyntheticConfig, user: np.ndarray, key: np.ndarray,
+                       ts: np.ndarray) -> np.ndarray:
+    """The true user x context propensity ``g_uk(t)`` of ``config``'s domain (static offset plus
+    drift, float32) of users ``user`` in context keys ``key`` at UTC seconds ``ts`` (integer
+    arrays of one shape). For tests and analysis."""
+    world = _World(config)
+    user, key = np.asarray(user, dtype=np.int64), np.asarray(key, dtype=np.int64)
+    static, drift, _ = world.propensity(user, key, _days(config, ts))
+    return static + drift
 
 
 def provenance(config: SyntheticConfig) -> Dict[str, object]:
-    """What identifies the data of ``config`` (``threads`` changes only speed)."""
+    """What identifies the data of ``config`` (``threads`` changes only speed; domain 0's log
+    does not depend on ``domain_correlation``, and is identified as before domains existed)."""
     fields = dataclasses.asdict(config)
     fields.pop("threads")
+    if not config.domain:
+        fields.pop("domain")
+        fields.pop("domain_correlation")
     return {"source": "synthetic", "config": fields}
 
 

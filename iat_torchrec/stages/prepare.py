@@ -1,10 +1,11 @@
 """Stage ``prepare``: make or import the instance log, validate it, split it in time.
 
 ``--dataset synthetic`` (the built-in default) generates the documented synthetic log;
-``--dataset movielens`` imports ml-latest-small (or ``--movielens_source``); any other value is
-the path of an instance log a user brings (a directory with ``feature_spec.json``, or a Parquet
-file with ``<name>.spec.json``). Outputs go under ``data_dir`` and are reused on a re-run when
-their recorded provenance says they are what this run would make.
+``--dataset movielens`` imports ml-latest-small (or ``--movielens_source``), all ratings or one
+genre domain (``--movielens_domain``); any other value is the path of an instance log a user
+brings (a directory with ``feature_spec.json``, or a Parquet file with ``<name>.spec.json``).
+Outputs go under ``data_dir`` and are reused on a re-run when their recorded provenance says
+they are what this run would make.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Dict, List
 
 from iat_torchrec.config import nested
 from iat_torchrec.data.log import LogSummary, read_provenance, validate_log
-from iat_torchrec.data.movielens import DEFAULT_SOURCE, import_movielens, resolve_source
+from iat_torchrec.data.movielens import DEFAULT_SOURCE, check_domain, import_movielens, \
+    resolve_source
 from iat_torchrec.data.splits import SPLIT_MANIFEST, SPLIT_NAMES, SplitMethod, split_log
 from iat_torchrec.data.synthetic import SyntheticConfig, generate, provenance
 
@@ -35,6 +37,10 @@ class DataConfig:
     movielens_fields: List[str] = dataclasses.field(default_factory=list, metadata={
         "help": "--dataset movielens: the sparse fields to keep (empty: all; 'peer': the peer "
                 "library's P1 fields, without this project's count / gap buckets and tags)"})
+    movielens_domain: str = dataclasses.field(default="", metadata={
+        "help": "--dataset movielens: '' (all ratings), 'action' (movies with any genre of "
+                "Action, Adventure, Sci-Fi, Thriller, Crime, War, Western, Horror, Mystery, "
+                "Film-Noir) or 'other' (the rest); the dataset is then named movielens-<domain>"})
     synthetic: SyntheticConfig = nested(SyntheticConfig, "the generator (--dataset synthetic)")
     split_method: str = dataclasses.field(default="auto", metadata={
         "help": "auto (per_user for movielens, time otherwise), per_user or time"})
@@ -90,18 +96,28 @@ class DataPaths:
     splits: Dict[str, Path]
 
 
+def _movielens_key(cfg: DataConfig, source: Path) -> object:
+    """What identifies an import: the source, then the fields and the domain where set (so the
+    folder of a default import is what it was before those options)."""
+    if cfg.movielens_domain:
+        return [str(source), cfg.movielens_fields, cfg.movielens_domain]
+    return [str(source), cfg.movielens_fields] if cfg.movielens_fields else str(source)
+
+
 def data_paths(cfg: DataConfig) -> DataPaths:
-    """The paths :func:`prepare_data` writes for ``cfg``, without doing any work."""
+    """The paths :func:`prepare_data` writes for ``cfg``, without doing any work. A dataset's
+    name (its folder's and its pipeline steps' prefix) says its domain: ``movielens-action``,
+    ``synthetic-domain1``."""
     data_dir = Path(cfg.data_dir)
     if cfg.dataset == "synthetic":
-        name = "synthetic"
-        log = data_dir / f"synthetic-{_digest(_synthetic_provenance(cfg))}" / "log"
+        name = f"synthetic-domain{cfg.synthetic.domain}" if cfg.synthetic.domain else "synthetic"
+        log = data_dir / f"{name}-{_digest(_synthetic_provenance(cfg))}" / "log"
         folder = log.parent
     elif cfg.dataset == "movielens":
-        name = "movielens"
+        check_domain(cfg.movielens_domain, "movielens_domain")
+        name = f"movielens-{cfg.movielens_domain}" if cfg.movielens_domain else "movielens"
         source = resolve_source(cfg.movielens_source).resolve()
-        key = str(source) if not cfg.movielens_fields else [str(source), cfg.movielens_fields]
-        log = data_dir / f"movielens-{source.name}-{_digest(key)}" / "log"
+        log = data_dir / f"{name}-{source.name}-{_digest(_movielens_key(cfg, source))}" / "log"
         folder = log.parent
     else:
         log = Path(cfg.dataset).resolve()
@@ -127,11 +143,13 @@ def _movielens_log(cfg: DataConfig, out: Path) -> Path:
     source = resolve_source(cfg.movielens_source).resolve()
     prov = read_provenance(out) if out.exists() else None
     if (prov is not None and prov.get("path") == str(source)
-            and prov.get("fields", []) == list(cfg.movielens_fields)):
+            and prov.get("fields", []) == list(cfg.movielens_fields)
+            and prov.get("domain", "") == cfg.movielens_domain):
         _log(f"reusing {out}")
         return out
     _log(f"importing {source} into {out}")
-    import_movielens(source, out, overwrite=out.exists(), fields=cfg.movielens_fields)
+    import_movielens(source, out, overwrite=out.exists(), fields=cfg.movielens_fields,
+                     domain=cfg.movielens_domain)
     return out
 
 
