@@ -199,14 +199,21 @@ def test_unknown_users_in_the_target_log_are_an_error(tmp_path, log_and_store):
     assert (length == 0).all()
 
 
-def test_label_delay_comes_from_the_spec_unless_given(tmp_path, log_and_store):
-    log, store, _ = log_and_store
-    out = assemble_history(assemble_config(log, store, tmp_path / "h1", label_delay_s=5))
-    assert HistoryShards.open(out).layout.label_delay_s == 5
+def test_label_delay_comes_from_the_store_then_the_spec_unless_given(tmp_path, log_and_store):
+    """The store's recorded delay (60: its own domain's), else the target spec's; a longer
+    one may be given (cross-domain cases: tests/test_assemble_cross.py)."""
+    log, store, cols = log_and_store
+    out = assemble_history(assemble_config(log, store, tmp_path / "h1", label_delay_s=90))
+    assert HistoryShards.open(out).layout.label_delay_s == 90
     (log / "feature_spec.json").unlink()
+    out = assemble_history(assemble_config(log, store, tmp_path / "h2"))
+    assert HistoryShards.open(out).layout.label_delay_s == 60
+    bare = TokenStore.create(tmp_path / "bare", kind="iat", token_shape=(D,), dtype="fp32")
+    bare.append(cols["instance_id"], cols["user_id"], cols["ts"], cols["click"],
+                np.ones((len(cols["ts"]), D), np.float32))
     with pytest.raises(SpecError, match="pass --label_delay_s"):
-        assemble_history(assemble_config(log, store, tmp_path / "h2"))
-    assert not (tmp_path / "h2").exists()
+        assemble_history(assemble_config(log, bare.close(), tmp_path / "h3"))
+    assert not (tmp_path / "h3").exists()
 
 
 # --------------------------------------------------------------------------- two processes
