@@ -372,3 +372,25 @@ def test_ablation_switches_build_learn_and_ignore_padding(world, source, part, c
     ref = model(b.dense_features, b.sparse_features, b.history, b.target_codes)
     got = model(b.dense_features, b.sparse_features, _more_padding(b.history, 7), b.target_codes)
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_item_branch_reads_its_own_history_when_given(world):
+    """``item_history`` (the target domain's own, beside another domain's IAT history) feeds
+    the item branch only: for ``bst`` the model then equals one given it as its history; for
+    ``iat`` the IAT branch still reads ``history``; without it both read ``history``."""
+    b = world.batch
+    other = HistoryBatch(*(torch.roll(t, 1, dims=0) for t in b.history.tensors()))
+    with torch.no_grad():
+        bst = build(world, small_config("bst", "dot")).eval()
+        want = bst(b.dense_features, b.sparse_features, other)
+        got = bst(b.dense_features, b.sparse_features, b.history, item_history=other)
+        assert torch.equal(got, want)
+        iat = build(world, small_config("iat", "dot")).eval()
+        same = iat(b.dense_features, b.sparse_features, b.history)
+        assert torch.equal(iat(b.dense_features, b.sparse_features, b.history,
+                               item_history=b.history), same)
+        moved = iat(b.dense_features, b.sparse_features, b.history, item_history=other)
+        assert not torch.allclose(moved, same)
+        train = DLRM_SIFTrain(iat)
+        _, (_, logits, _) = train(dataclasses.replace(b, item_history=other))
+        assert torch.equal(logits, moved)

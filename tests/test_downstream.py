@@ -151,14 +151,56 @@ def test_shards_of_another_store_version(world):
         reader(world, store=TokenStore.open(other))
 
 
-def test_label_delay_mismatch(world):
-    odd = make_store(world.tmp / "iat_delay", world.cols, "iat", delay=30)
-    with pytest.raises(DownstreamDataError, match="label_delay_s=30"):
-        reader(world, store=odd)
-    spec = dataclasses.replace(world.spec, label_delay_s=30)
+def test_labels_must_mature_in_the_stores_domain(world):
+    """Shards may not show labels sooner than the store's recorded delay (its own domain's), or
+    the target spec's when the store records none; a longer delay is allowed."""
+    slow = make_store(world.tmp / "iat_delay", world.cols, "iat", delay=120)
+    slow_shards = HistoryShards.open(assemble_history(AssembleConfig(
+        target_log=str(world.log), store=str(slow.path), output=str(world.tmp / "slow_h"),
+        max_len=L)))
+    assert slow_shards.layout.label_delay_s == 120  # assembly takes the store's delay
+    reader(world, history=slow_shards, store=slow)
+    quick = make_store(world.tmp / "iat_quick", world.cols, "iat", delay=30)
+    reader(world, store=quick, history=HistoryShards.open(assemble_history(AssembleConfig(
+        target_log=str(world.log), store=str(quick.path), output=str(world.tmp / "quick_h"),
+        max_len=L, label_delay_s=60))))  # 60 >= the store's 30: allowed
+    spec = dataclasses.replace(world.spec, label_delay_s=90)
     no_delay = make_store(world.tmp / "iat_nodelay", world.cols, "iat", delay=None)
-    with pytest.raises(DownstreamDataError, match="history shards assembled with label_delay"):
-        DownstreamReader(world.log, spec, history=world.shards, store=no_delay)
+    with pytest.raises(DownstreamDataError, match="labels would be shown before they mature"):
+        DownstreamReader(world.log, spec, history=HistoryShards.open(assemble_history(
+            AssembleConfig(target_log=str(world.log), store=str(no_delay.path),
+                           output=str(world.tmp / "nodelay_h"), max_len=L))), store=no_delay)
+
+
+def test_item_branch_reads_its_own_store(world):
+    """With item shards on another store (the target domain's own, while the tokens' history
+    is another domain's), the item history and its ids come from that store, exactly as a
+    reader built on it alone gives them; the token history is unchanged."""
+    even = np.arange(0, N, 2)
+    own_log = write_log(pa.table({k: np.asarray(v)[even] for k, v in world.cols.items()}),
+                        world.tmp / "own_log", world.spec)
+    own = make_store(world.tmp / "own", world.cols, "iat", rows=even, seed=5)
+    own_shards = HistoryShards.open(assemble_history(AssembleConfig(
+        target_log=str(world.log), store=str(own.path), output=str(world.tmp / "own_h"),
+        max_len=6, allow_unknown_users=True)))
+    both = list(reader(world, order=ReadOrder.TEMPORAL, item_shards=own_shards,
+                       item_store=own, item_logs=[own_log]))
+    alone = list(reader(world, order=ReadOrder.TEMPORAL, history=own_shards, store=own,
+                        item_logs=[own_log]))
+    plain = list(reader(world, order=ReadOrder.TEMPORAL))
+    for b, a, p in zip(both, alone, plain):
+        assert torch.equal(b.history_items, a.history_items)
+        for got, want in zip(b.item_history.tensors(), a.history.tensors()):
+            assert torch.equal(got, want)
+        for got, want in zip(b.history.tensors(), p.history.tensors()):
+            assert torch.equal(got, want)
+        assert not torch.equal(b.history_items, p.history_items)
+        assert b.sparse_features.to_dict()["hist_item_0"].values().tolist() == \
+            a.sparse_features.to_dict()["hist_item_0"].values().tolist()
+    with pytest.raises(DownstreamDataError, match="give both or neither"):
+        reader(world, item_shards=own_shards)
+    with pytest.raises(DownstreamDataError, match="item_history_len > 0"):
+        reader(world, k=0, item_shards=own_shards, item_store=own)
 
 
 def test_labels_must_exist(world, tmp_path):

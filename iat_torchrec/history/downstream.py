@@ -49,31 +49,40 @@ class DownstreamBatch(InstanceBatch):
       which carries the same ids as the features ``hist_item_0 .. hist_item_{k-1}``
       (:meth:`build` adds both).
     - ``target_codes``: [B, T, M] the target samples' own HGAQ codes (for L_align).
+    - ``item_history``: the histories the item branch reads when they come from another store
+      than ``history`` (say the target domain's own store, while ``history`` indexes another
+      domain's IAT tokens); None: the item branch reads ``history``. ``history_items`` are then
+      the last k steps of ``item_history``.
     """
 
     history: Optional[HistoryBatch] = None
     history_items: Optional[torch.Tensor] = None
     target_codes: Optional[torch.Tensor] = None
+    item_history: Optional[HistoryBatch] = None
 
     @classmethod
     def build(cls, batch: InstanceBatch, history: Optional[HistoryBatch] = None,
               step_items: Optional[torch.Tensor] = None, item_history_len: int = 0,
-              target_codes: Optional[torch.Tensor] = None) -> "DownstreamBatch":
+              target_codes: Optional[torch.Tensor] = None,
+              item_history: Optional[HistoryBatch] = None) -> "DownstreamBatch":
         """A downstream batch from an instance batch. ``step_items`` [B, L]: the item id of every
-        step of ``history`` (table ids, anything at padding); with ``item_history_len`` k > 0
-        the last k steps' items go into ``history_items`` and ``sparse_features``."""
+        step of the item branch's history (``item_history`` if given, else ``history``; table
+        ids, anything at padding); with ``item_history_len`` k > 0 the last k steps' items go
+        into ``history_items`` and ``sparse_features``."""
         sparse, items = batch.sparse_features, None
         if item_history_len > 0:
-            if history is None or step_items is None:
+            steps = item_history if item_history is not None else history
+            if steps is None or step_items is None:
                 raise ValueError("an item history needs history and step_items")
-            if step_items.shape != history.mask.shape:
+            if step_items.shape != steps.mask.shape:
                 raise ValueError(f"step_items {tuple(step_items.shape)} must match the history "
-                                 f"{tuple(history.mask.shape)}")
-            items = last_step_items(step_items, history.mask, item_history_len)
+                                 f"{tuple(steps.mask.shape)}")
+            items = last_step_items(step_items, steps.mask, item_history_len)
             sparse = add_history_items(sparse, items)
         base = {f.name: getattr(batch, f.name) for f in fields(InstanceBatch)}
         base["sparse_features"] = sparse
-        return cls(**base, history=history, history_items=items, target_codes=target_codes)
+        return cls(**base, history=history, history_items=items, target_codes=target_codes,
+                   item_history=item_history)
 
     def _map(self, fn: Callable[[Any], Any]) -> "DownstreamBatch":
         return DownstreamBatch(**{f.name: None if getattr(self, f.name) is None

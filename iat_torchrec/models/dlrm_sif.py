@@ -241,8 +241,9 @@ class TowerInputs:
     """What the tower's parts read, for B target samples: ``dense`` [B, D] (the dense arch's
     output), ``sparse`` [B, F, D] (the target's sparse embeddings, spec order), ``pooled`` (the
     EBC's KeyedTensor, item-history features included), ``history`` (R histories: one per
-    sample, or with ``groups`` the one each sample reads), ``target_codes`` [B, T, M] and the
-    tower's frozen ``codebooks`` [T, M, V, d0]."""
+    sample, or with ``groups`` the one each sample reads), ``target_codes`` [B, T, M], the
+    tower's frozen ``codebooks`` [T, M, V, d0] and ``item_history``: the item branch's own
+    histories when they come from another store than ``history`` (None: ``history``)."""
 
     dense: torch.Tensor
     sparse: torch.Tensor
@@ -251,6 +252,7 @@ class TowerInputs:
     target_codes: Optional[torch.Tensor] = None
     codebooks: Optional[torch.Tensor] = None
     groups: Optional[QueryGroups] = None
+    item_history: Optional[HistoryBatch] = None
 
     def shared_history(self) -> HistoryBatch:
         """The R histories, which a part reading them cannot do without."""
@@ -295,7 +297,8 @@ class ItemHistoryArch(nn.Module):
         self.feature_names = history_item_features(history_len)
 
     def forward(self, x: TowerInputs) -> torch.Tensor:
-        recent = x.per_sample(last_steps(x.shared_history(), self.history_len, self.gap_pad))
+        hist = x.item_history if x.item_history is not None else x.shared_history()
+        recent = x.per_sample(last_steps(hist, self.history_len, self.gap_pad))
         items = keyed_columns(x.pooled, self.feature_names, self.encoder.embed_dim)
         return self.encoder(x.sparse[:, self.item_index], items, recent.label,
                             recent.gap_bucket, recent.mask)
@@ -490,7 +493,8 @@ class DLRMSIFTower(nn.Module):
     def forward(self, dense_features: torch.Tensor, pooled: KeyedTensor,
                 history: Optional[HistoryBatch] = None,
                 target_codes: Optional[torch.Tensor] = None,
-                history_groups: Optional[torch.Tensor] = None
+                history_groups: Optional[torch.Tensor] = None,
+                item_history: Optional[HistoryBatch] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -503,6 +507,9 @@ class DLRMSIFTower(nn.Module):
                 sample b reads history b). A request's candidates share its history: its
                 lookups run once, and the history of an IAT branch or SIF-Mixer blind to the
                 target is encoded once.
+            item_history: the item branch's histories when they come from another store than
+                ``history`` (the target domain's own, beside another domain's IAT tokens), laid
+                out like ``history``; None: the item branch reads ``history``.
 
         Returns:
             logits [B, num_labels] and the per-row alignment loss [B] (zeros without codebooks).
@@ -512,7 +519,7 @@ class DLRMSIFTower(nn.Module):
         if history_groups is not None and history is not None:
             groups = QueryGroups.of(history_groups.to(dense.device), history.row_ids.shape[0])
         x = TowerInputs(dense, keyed_columns(pooled, self.sparse_names, self.embedding_dim),
-                        pooled, history, target_codes, self.codebooks, groups)
+                        pooled, history, target_codes, self.codebooks, groups, item_history)
         features = torch.cat([x.sparse, *(arch(x).unsqueeze(1) for arch in self.history_archs)],
                              dim=1)
         out, align = self.inter_arch(x, features)
@@ -677,22 +684,25 @@ class DLRM_SIF(nn.Module):
                                sparse_features: KeyedJaggedTensor,
                                history: Optional[HistoryBatch] = None,
                                target_codes: Optional[torch.Tensor] = None,
-                               history_groups: Optional[torch.Tensor] = None
+                               history_groups: Optional[torch.Tensor] = None,
+                               item_history: Optional[HistoryBatch] = None
                                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, num_labels] and the per-row alignment loss [B]
         (:meth:`DLRMSIFTower.forward`)."""
         pooled = self.sparse_arch.embedding_bag_collection(sparse_features)
-        out = self.tower(dense_features, pooled, history, target_codes, history_groups)
+        out = self.tower(dense_features, pooled, history, target_codes, history_groups,
+                         item_history)
         return out[0], out[1]
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor,
                 history: Optional[HistoryBatch] = None,
                 target_codes: Optional[torch.Tensor] = None,
-                history_groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+                history_groups: Optional[torch.Tensor] = None,
+                item_history: Optional[HistoryBatch] = None) -> torch.Tensor:
         """Logits [B, num_labels] (TorchRec DLRM's contract, plus the history inputs; with
         ``history_groups`` [B], sample b reads history ``history_groups[b]``)."""
         return self.forward_with_alignment(dense_features, sparse_features, history,
-                                           target_codes, history_groups)[0]
+                                           target_codes, history_groups, item_history)[0]
 
 
 class DLRM_SIFTrain(nn.Module):
@@ -709,7 +719,8 @@ class DLRM_SIFTrain(nn.Module):
     def forward(self, batch: DownstreamBatch
                 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         logits, align = self.model.forward_with_alignment(
-            batch.dense_features, batch.sparse_features, batch.history, batch.target_codes)
+            batch.dense_features, batch.sparse_features, batch.history, batch.target_codes,
+            item_history=batch.item_history)
         labels = batch.labels
         per_row = F.binary_cross_entropy_with_logits(
             logits, labels.to(logits.dtype), reduction="none").mean(1)

@@ -233,6 +233,10 @@ def export_bundle(cfg: ExportConfig) -> Path:
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{results_path}: not a results file of apps/train.py ({e})") from None
     inputs = check_train_inputs(train_cfg)
+    if inputs.item_store is not None:
+        raise BundleError(f"{results_path}: its item branch reads another store ("
+                          f"{inputs.item_store.path}) than its IAT tokens; serving keeps one "
+                          "history per request and does not bundle such runs yet")
     spec, mcfg = inputs.spec, train_cfg.model
     v = mcfg.variant
     checkpoint = cfg.checkpoint or train_cfg.train.checkpoint_dir

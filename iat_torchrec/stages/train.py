@@ -30,6 +30,12 @@ Decisions:
   ``epoch``); valid and test are read in time order.
 - The item-id history's items come from ``item_logs``, by default the logs recorded as exported
   into the history store (its manifest's ``exported_logs``).
+- **Histories from another domain** (IAT paper, transfer): ``iat_store`` may be a store
+  exported from another instance log (another domain or task, its own feature spec), its
+  histories assembled for these target logs by joining on the user id. The item branch can then
+  keep the target domain's own history: ``item_store`` and ``*_item_history`` (shards of the
+  same target logs on that store; its items from ``item_logs``, default the item store's
+  exported logs) feed the item branch while the IAT branch reads ``iat_store``.
 - ``gap_vocab_size`` comes from the train shards' layout and ``fields_per_subtoken`` from the SIF
   store's tokenizer config (not flags: they must match what was built); the valid / test shards
   must have the same layout as the train shards.
@@ -99,8 +105,18 @@ class TrainDownstreamConfig(TrainingStageConfig):
     test_history: str = dataclasses.field(default="", metadata={
         "help": "history shards of test_log (same store)"})
     item_logs: List[str] = dataclasses.field(default_factory=list, metadata={
-        "help": "instance logs exported into the history store, for the items of the item-id "
-                "history (default: the store's recorded exported_logs)"})
+        "help": "instance logs exported into the item branch's store (--item_store, else the "
+                "history store), for the items of the item-id history (default: the store's "
+                "recorded exported_logs)"})
+    item_store: str = dataclasses.field(default="", metadata={
+        "help": "the item branch's own store, when its history comes from another store than "
+                "the IAT tokens' (the target domain's own, beside another domain's --iat_store)"})
+    train_item_history: str = dataclasses.field(default="", metadata={
+        "help": "history shards of train_log on --item_store"})
+    valid_item_history: str = dataclasses.field(default="", metadata={
+        "help": "history shards of valid_log on --item_store"})
+    test_item_history: str = dataclasses.field(default="", metadata={
+        "help": "history shards of test_log on --item_store"})
     token_dim: int = dataclasses.field(default=0, metadata={
         "help": "IAT token width the model expects (0: the IAT store's); a store of another "
                 "width is refused"})
@@ -121,7 +137,8 @@ class TrainDownstreamConfig(TrainingStageConfig):
 
 # Settings that do not shape training: a resume may change them.
 NOT_IN_FINGERPRINT = (*COMMON_NOT_IN_FINGERPRINT, "valid_log", "test_log", "valid_history",
-                      "test_history", "lookup.sharding", "lookup.location",
+                      "test_history", "valid_item_history", "test_item_history",
+                      "lookup.sharding", "lookup.location",
                       "lookup.shard_min_bytes")
 
 
@@ -136,6 +153,8 @@ class TrainInputs:
     sif_store: Optional[TokenStore]
     history_store: Optional[TokenStore]
     shards: Dict[str, Optional[HistoryShards]]
+    item_store: Optional[TokenStore]
+    item_shards: Dict[str, Optional[HistoryShards]]
     codebooks: Optional[torch.Tensor]
     item_logs: List[str]
     gap_vocab_size: int
@@ -192,30 +211,58 @@ def check_train_inputs(cfg: TrainDownstreamConfig) -> TrainInputs:
         if history_store is None:
             raise TrainInputError(f"history source {src.value} needs a store the histories "
                                   "index: --iat_store or --sif_store")
-        paths = {"train": cfg.train_history, "valid": cfg.valid_history,
-                 "test": cfg.test_history}
-        for name in SPLITS:
-            if not logs[name]:
-                continue
-            if not paths[name]:
-                raise TrainInputError(f"history source {src.value} needs --{name}_history, the "
-                                      f"history shards of --{name}_log")
-            shards[name] = HistoryShards.open(paths[name])
-            shards[name].check_store(history_store)
-            if shards[name].layout != shards["train"].layout:
-                raise HistoryShardsError(
-                    f"{paths[name]}: assembled with another layout ({shards[name].layout}) than "
-                    f"the train shards ({shards['train'].layout}); use one max_len, label delay "
-                    "and gap buckets")
+        shards = _open_shards(logs, {"train": cfg.train_history, "valid": cfg.valid_history,
+                                     "test": cfg.test_history}, history_store, "history",
+                              f"history source {src.value}")
         gap_vocab_size = shards["train"].layout.gap_vocab_size
+    item_store: Optional[TokenStore] = None
+    item_shards: Dict[str, Optional[HistoryShards]] = {k: None for k in SPLITS}
+    if cfg.item_store:
+        if cfg.model.item_branch == "none" or not v.reads_history:
+            raise TrainInputError(f"--item_store feeds the item branch; history source "
+                                  f"{src.value} with item branch {cfg.model.item_branch} has "
+                                  "none")
+        item_store = TokenStore.open(cfg.item_store)
+        item_shards = _open_shards(logs, {"train": cfg.train_item_history,
+                                          "valid": cfg.valid_item_history,
+                                          "test": cfg.test_item_history}, item_store,
+                                   "item_history", "--item_store")
+        theirs, ours = item_shards["train"].layout, shards["train"].layout
+        if theirs.gap_boundaries_s != ours.gap_boundaries_s:
+            raise HistoryShardsError(
+                f"{cfg.train_item_history}: gap buckets {list(theirs.gap_boundaries_s)} differ "
+                f"from the history shards' {list(ours.gap_boundaries_s)}; assemble both with "
+                "the same --gap_boundaries_s")
     item_logs: List[str] = []
     if cfg.model.item_branch != "none":
-        item_logs = list(cfg.item_logs) or list(history_store.metadata.get("exported_logs", []))
+        items_from = item_store if item_store is not None else history_store
+        item_logs = list(cfg.item_logs) or list(items_from.metadata.get("exported_logs", []))
         if not item_logs:
-            raise DownstreamDataError(f"{history_store.path}: records no exported logs; give "
+            raise DownstreamDataError(f"{items_from.path}: records no exported logs; give "
                                       "--item_logs, the logs exported into it")
-    return TrainInputs(spec, iat, sif, history_store, shards, codebooks, item_logs,
-                       gap_vocab_size, fields_per_subtoken)
+    return TrainInputs(spec, iat, sif, history_store, shards, item_store, item_shards,
+                       codebooks, item_logs, gap_vocab_size, fields_per_subtoken)
+
+
+def _open_shards(logs: Dict[str, str], paths: Dict[str, str], store: TokenStore, flag: str,
+                 needed_by: str) -> Dict[str, Optional[HistoryShards]]:
+    """The history shards of each given log (``--<split>_<flag>``), each checked against the
+    exact version of ``store`` and against the train shards' layout."""
+    shards: Dict[str, Optional[HistoryShards]] = {k: None for k in SPLITS}
+    for name in SPLITS:
+        if not logs[name]:
+            continue
+        if not paths[name]:
+            raise TrainInputError(f"{needed_by} needs --{name}_{flag}, the history shards of "
+                                  f"--{name}_log")
+        shards[name] = HistoryShards.open(paths[name])
+        shards[name].check_store(store)
+        if shards[name].layout != shards["train"].layout:
+            raise HistoryShardsError(
+                f"{paths[name]}: assembled with another layout ({shards[name].layout}) than "
+                f"the train shards ({shards['train'].layout}); use one max_len, label delay "
+                "and gap buckets")
+    return shards
 
 
 def _metrics_line(metrics: Dict[str, Dict[str, float]]) -> str:
@@ -288,7 +335,8 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
             env.rank, env.world_size, history=shards,
             store=inputs.history_store if shards is not None else None, device=env.device,
             item_feature=mcfg.item_feature if k else "", item_history_len=k,
-            item_logs=inputs.item_logs, code_store=code_store)
+            item_logs=inputs.item_logs, code_store=code_store,
+            item_shards=inputs.item_shards[split], item_store=inputs.item_store)
 
     train_reader = reader("train", cfg.train_log, ReadOrder.SHUFFLED)
     valid_reader = reader("valid", cfg.valid_log, ReadOrder.TEMPORAL)
@@ -361,5 +409,6 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
         epochs=epochs, train_rows=train_reader.num_rows, train_seconds=train_seconds,
         total_seconds=time.perf_counter() - started, lookups=lookups,
         stores={"iat": str(Path(cfg.iat_store).resolve()) if cfg.iat_store else None,
-                "sif": str(Path(cfg.sif_store).resolve()) if cfg.sif_store else None})
+                "sif": str(Path(cfg.sif_store).resolve()) if cfg.sif_store else None,
+                "item": str(Path(cfg.item_store).resolve()) if cfg.item_store else None})
     return results if env.is_main else None

@@ -16,6 +16,11 @@ orders, same dealing of rows to ranks), plus, depending on what it is given:
   exported into the store (read once into ``row_items``, aligned with store rows).
 - **target codes** (``code_store``, kind sif): each target sample's own HGAQ codes
   ``[B, T, M]`` uint8 (for L_align), looked up by instance id.
+- **the item branch's own history** (``item_shards`` + ``item_store``): when the item-id
+  history comes from another store than ``history`` (the target domain's own store, while
+  ``history`` indexes another domain's IAT tokens, joined on the user id), its histories are
+  materialised from these shards into ``item_history`` and the item ids come from that store's
+  rows (``item_logs`` are then the logs exported into ``item_store``).
 
 Decisions:
 
@@ -32,8 +37,10 @@ Decisions:
 - Labels: the spec always lists them (:class:`FeatureSpec` requires it); every label column of
   the target log must be present and hold no nulls (checked up front from the Parquet
   statistics, or by reading the label columns where a file has none).
-- Label delay: the store's (when recorded) and the shards' must equal the target spec's
-  ``label_delay_s``, else side information would leak or lag against the protocol.
+- Label delay: a history step's label is shown once it has matured in the *store's* domain
+  (the delay the store recorded at export, which assembly uses by default): shards assembled
+  with a shorter delay than their store's are refused (labels would leak); a store that records
+  none is held to the target spec's ``label_delay_s``.
 """
 
 from __future__ import annotations
@@ -107,19 +114,19 @@ def _parquet_column_index(pf, name: str) -> Optional[int]:
 
 def check_label_delay(spec: FeatureSpec, store: Optional[TokenStore],
                       shards: Optional[HistoryShards], target: PathLike) -> None:
-    """Raise if the store's recorded label delay or the shards' differs from the spec's."""
-    want = int(spec.label_delay_s)
-    if store is not None and store.label_delay_s is not None and \
-            int(store.label_delay_s) != want:
-        raise DownstreamDataError(
-            f"{store.path}: the token store was exported with label_delay_s="
-            f"{store.label_delay_s}, but the target log {target} has label_delay_s={want} in its "
-            "feature spec: labels known at t would differ between the store and the protocol")
-    if shards is not None and shards.layout.label_delay_s != want:
+    """Raise if the shards show labels sooner than they mature: before the store's recorded
+    label delay (its own domain's), or the target spec's when the store records none."""
+    if shards is None:
+        return
+    recorded = store.label_delay_s if store is not None else None
+    want = int(recorded) if recorded is not None else int(spec.label_delay_s)
+    if shards.layout.label_delay_s < want:
+        whose = (f"the store {store.path} was exported with" if recorded is not None
+                 else f"the target log {target} has")
         raise DownstreamDataError(
             f"{shards.path}: history shards assembled with label_delay_s="
-            f"{shards.layout.label_delay_s}, but the target log {target} has label_delay_s="
-            f"{want} in its feature spec: re-run apps/assemble.py")
+            f"{shards.layout.label_delay_s}, but {whose} label_delay_s={want}: labels would "
+            "be shown before they mature; re-run apps/assemble.py")
 
 
 # --------------------------------------------------------------------------- item ids
@@ -185,8 +192,12 @@ class DownstreamReader:
         device: where histories are materialised.
         item_feature: the sparse field whose ids form the item-id history ("": none).
         item_history_len: k, the item-id history's length (needs ``history``).
-        item_logs: the instance logs exported into ``store`` (the items of history steps).
+        item_logs: the instance logs exported into the item branch's store (``item_store`` if
+            given, else ``store``): the items of history steps.
         code_store: a SIF store with every target's own codes (``target_codes``).
+        item_shards, item_store: the item branch's own history shards of this target log and
+            the store they index, when its history comes from another store than ``history``
+            (``item_history`` of the batches); default: ``history`` and ``store``.
         tmp_dir: the inner reader's external-shuffle directory.
     """
 
@@ -196,6 +207,8 @@ class DownstreamReader:
                  device: Union[str, torch.device] = "cpu", item_feature: str = "",
                  item_history_len: int = 0, item_logs: Sequence[PathLike] = (),
                  code_store: Optional[TokenStore] = None,
+                 item_shards: Optional[HistoryShards] = None,
+                 item_store: Optional[TokenStore] = None,
                  tmp_dir: Optional[PathLike] = None) -> None:
         self.path = Path(path)
         self.spec = spec if spec is not None else FeatureSpec.load(self.path)
@@ -217,8 +230,20 @@ class DownstreamReader:
         self.item_feature = item_feature
         self.row_items: Optional[np.ndarray] = None
         self._index_rows: Optional[np.ndarray] = None
+        if (item_shards is None) != (item_store is None):
+            raise DownstreamDataError("the item history's shards and the store they index go "
+                                      "together: give both or neither")
+        self.item_materializer = None
+        if item_shards is not None:
+            if self.item_history_len == 0:
+                raise DownstreamDataError("item history shards are read by the item branch: "
+                                          "give item_history_len > 0")
+            check_label_delay(self.spec, item_store, item_shards, self.path)
+            self.item_materializer = item_shards.materializer(item_store, self.device)
+        self.item_shards = item_shards if item_shards is not None else history
+        self.item_store = item_store if item_store is not None else store
         if self.item_history_len > 0:
-            if history is None:
+            if self.item_shards is None:
                 raise DownstreamDataError("an item-id history (item_history_len > 0) needs the "
                                           "history shards and their store")
             if not item_feature:
@@ -228,8 +253,8 @@ class DownstreamReader:
                                           f"of the spec ({self.spec.sparse_names})")
             field = self.spec.field(item_feature)
             assert isinstance(field, SparseField)
-            self.row_items = store_row_items(store, list(item_logs), field)
-            self._index_rows = np.asarray(store.time_index.rows, dtype=np.int64)
+            self.row_items = store_row_items(self.item_store, list(item_logs), field)
+            self._index_rows = np.asarray(self.item_store.time_index.rows, dtype=np.int64)
         self.code_store = code_store
         if code_store is not None and code_store.kind != "sif":
             raise DownstreamDataError(f"{code_store.path}: target codes come from a SIF store, "
@@ -258,17 +283,14 @@ class DownstreamReader:
         if not bool(torch.isfinite(labels).all()):
             raise DownstreamDataError(f"{self.path}: a target sample without a label value "
                                       "(NaN); labels must exist")
-        history = items = codes = None
+        history = items = codes = item_history = None
         sparse = batch.sparse_features
         if self.history is not None:
-            begin, length, t = self.history.lookup(batch.instance_id)
-            if not torch.equal(t, batch.ts):
-                bad = int(torch.nonzero(t != batch.ts)[0, 0])
-                raise HistoryShardsError(
-                    f"{self.history.path}: instance {int(batch.instance_id[bad])} has ts "
-                    f"{int(batch.ts[bad])} in {self.path} but {int(t[bad])} in the shards: "
-                    "shards assembled for another target log")
+            begin, length, t = self._ranges(self.history, batch)
             history = self.materializer(begin, length, t)
+            if self.item_materializer is not None:
+                begin, length, t = self._ranges(self.item_shards, batch)
+                item_history = self.item_materializer(begin, length, t)
             if self.item_history_len > 0:
                 items = self._items(begin.numpy(), length.numpy())
                 sparse = add_history_items(sparse, items)
@@ -283,7 +305,19 @@ class DownstreamReader:
             dense_features=batch.dense_features, sparse_features=sparse, labels=labels,
             instance_id=batch.instance_id, user_id=batch.user_id, ts=batch.ts,
             weight=torch.ones(len(batch), dtype=torch.float32),
-            history=history, history_items=items, target_codes=codes)
+            history=history, history_items=items, target_codes=codes, item_history=item_history)
+
+    def _ranges(self, shards: HistoryShards, batch: InstanceBatch):
+        """``(begin, length, t)`` of the batch's targets in ``shards``, which must have been
+        assembled for this target log."""
+        begin, length, t = shards.lookup(batch.instance_id)
+        if not torch.equal(t, batch.ts):
+            bad = int(torch.nonzero(t != batch.ts)[0, 0])
+            raise HistoryShardsError(
+                f"{shards.path}: instance {int(batch.instance_id[bad])} has ts "
+                f"{int(batch.ts[bad])} in {self.path} but {int(t[bad])} in the shards: "
+                "shards assembled for another target log")
+        return begin, length, t
 
     def _items(self, begin: np.ndarray, length: np.ndarray) -> torch.Tensor:
         """[B, k] item ids of the last k real steps, oldest first, -1 after them."""
@@ -291,7 +325,7 @@ class DownstreamReader:
         k = self.item_history_len
         if self._index_rows.size == 0:  # an empty store: every history is empty
             return torch.full((begin.size, k), -1, dtype=torch.int64)
-        pos, valid = last_range_steps(begin, length, self.history.layout.max_len, k)
+        pos, valid = last_range_steps(begin, length, self.item_shards.layout.max_len, k)
         items = np.where(valid, self.row_items[self._index_rows[pos]], -1)
         return torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
 
