@@ -22,7 +22,8 @@ from torchx import specs
 from conftest import REPO_ROOT, tiny_columns, tiny_spec
 from iat_torchrec.data.log import write_log
 from iat_torchrec.config import parse_config
-from iat_torchrec.pipeline.plan import VARIANTS, PipelineConfig, Step, build_plan
+from iat_torchrec.pipeline.plan import (TRANSFER_VARIANTS, VARIANTS, PipelineConfig, Step,
+                                        build_plan)
 from iat_torchrec.stages.evaluate import (CompareConfig, EvaluateConfig, ResultsError,
                                           run_compare, run_evaluate)
 from iat_torchrec.pipeline.runner import PipelineRunner, StageFailed, fingerprints, run_pipeline
@@ -63,9 +64,10 @@ def test_plan_has_every_stage_once_in_input_order():
     per_seed = [n for n in names if n.startswith("synthetic/seed0/")]
     assert sum(n.endswith(("/iat_temporal", "/iat_user", "/sif")) for n in per_seed) == 3
     assert sum("/hist_" in n for n in per_seed) == 9  # three stores x three splits
-    assert sum("/train_" in n for n in per_seed) == len(VARIANTS)
+    default = len(VARIANTS) - len(TRANSFER_VARIANTS)  # those need --transfer_data
+    assert sum("/train_" in n for n in per_seed) == default
     assert names[0] == "synthetic/data" and names[-1] == "evaluate"
-    assert len(steps[-1].after) == 2 * len(VARIANTS)
+    assert len(steps[-1].after) == 2 * default
     train = next(s for s in steps if s.name == "synthetic/seed1/train_SIF")
     assert train.args["model.history_source"] == "sif_codes"
     assert train.args["model.interaction"] == "mixer"
@@ -81,6 +83,33 @@ def test_plan_holds_only_what_the_variants_need():
     steps = build_plan(parse_config(PipelineConfig, TINY + ["--variants", "SIF"]))
     assert [s.name.rsplit("/", 1)[-1] for s in steps if s.component != "assemble"] == [
         "data", "sif", "train_SIF", "evaluate"]
+
+
+def test_transfer_plan_reads_the_other_domains_store():
+    """The transfer variants: the other domain's data and IAT user-order store once per seed,
+    the target splits' histories assembled on it (unknown users allowed), the item branch of
+    "DLRM+BST + other-domain IAT" on the target's own store."""
+    steps = build_plan(parse_config(PipelineConfig, TINY + [
+        "--variants", "DLRM+BST", *TRANSFER_VARIANTS, "--data.synthetic.domain", "1",
+        "--transfer_data.synthetic.num_instances", "3000"]))
+    by_name = {s.name: s for s in steps}
+    assert [n for n in by_name if n.endswith("/data")] == ["synthetic-domain1/data",
+                                                          "synthetic/data"]
+    source = by_name["synthetic/seed0/iat_user"]
+    hist = by_name["synthetic-domain1/seed0/hist_transfer_iat_user_test"]
+    assert source.args["scheme"] == "user"
+    assert source.args["train_log"] == by_name["synthetic/data"].outputs[0]
+    assert hist.args["target_log"] == by_name["synthetic-domain1/data"].outputs[2]
+    assert hist.args["store"] == source.args["store"] and hist.args["allow_unknown_users"]
+    both = by_name["synthetic-domain1/seed0/train_DLRM_BST___other-domain_IAT"]
+    assert both.args["iat_store"] == source.args["store"]
+    assert both.args["item_store"].endswith("synthetic-domain1/seed0/iat_temporal")
+    assert both.args["test_item_history"].endswith("hist_iat_temporal_test")
+    assert both.args["model.iat_item_branch"] == "bst"
+    alone = by_name["synthetic-domain1/seed0/train_Other-domain_IAT"]
+    assert alone.args["model.iat_item_branch"] == "none" and not alone.args["item_store"]
+    with pytest.raises(ValueError, match="--transfer_data is the dataset 'synthetic'"):
+        build_plan(parse_config(PipelineConfig, TINY + ["--variants", *TRANSFER_VARIANTS]))
 
 
 def test_fingerprints_follow_inputs_not_resources():

@@ -18,6 +18,15 @@ A last ``evaluate`` stage reads every run's results and writes the comparison ta
 and ``summary.json`` into ``run_dir``. Only the stores and histories the chosen variants need
 are planned.
 
+**Transfer** (IAT paper: one source model serving other scenarios): the variants marked
+``transfer`` read the IAT user-order tokens of *another domain*, ``transfer_data`` (its own
+log, feature spec and splits, prepared like any dataset): its source model is trained on its
+own train split under ``work/<its name>/seed<k>/iat_user``, every instance of it exported, and
+each target split's histories are assembled on that store by user id
+(``hist_transfer_iat_user_<split>``; target users it does not know get empty histories, labels
+shown once matured in that domain's own delay). "Other-domain IAT" reads those tokens alone;
+"DLRM+BST + other-domain IAT" keeps the target domain's own item history (BST) beside them.
+
 Settings: :class:`PipelineConfig` nests one typed config per stage (``data``, ``compress``,
 ``tokenize``, ``assemble``, ``downstream``: the stage configs themselves, so every setting keeps
 its one declaration and default); the plan fills the fields it owns (:data:`PLAN_OWNED`: paths,
@@ -53,6 +62,7 @@ from iat_torchrec.stages.train import TrainDownstreamConfig
 
 SPLITS = ("train", "valid", "test")
 BASELINE = "DLRM+BST"
+TRANSFER_STORE = "transfer_iat_user"  # the other domain's IAT user-order store
 # name -> (history source, the store its histories index (None: no history), optionally its
 # own interaction)
 VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -65,8 +75,12 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "IAT user-order": dict(source="iat", store="iat_user"),
     "SIF": dict(source="sif_codes", store="sif"),
     "SIF over IAT tokens": dict(source="sif_iat", store="iat_user"),
+    "Other-domain IAT": dict(source="iat", store=TRANSFER_STORE, iat_item_branch="none"),
+    "DLRM+BST + other-domain IAT": dict(source="iat", store=TRANSFER_STORE,
+                                        item_store="iat_temporal", iat_item_branch="bst"),
 }
 SCHEMES = {"iat_temporal": Scheme.TEMPORAL, "iat_user": Scheme.USER}
+TRANSFER_VARIANTS = tuple(v for v, d in VARIANTS.items() if d["store"] == TRANSFER_STORE)
 RUNS_INDEX = "runs.json"
 # Settings of each stage config that the plan sets (paths, seeds, per-variant choices, the
 # device): not offered as pipeline flags.
@@ -79,7 +93,9 @@ PLAN_OWNED: Dict[str, tuple] = {
     "assemble": ("target_log", "store", "output", "overwrite"),
     "downstream": ("train_log", "valid_log", "test_log", "iat_store", "sif_store",
                    "train_history", "valid_history", "test_history", "item_logs", "results",
-                   "model.history_source", "model.interaction", *_TRAINING),
+                   "item_store", "train_item_history", "valid_item_history",
+                   "test_item_history", "model.history_source", "model.interaction",
+                   "model.iat_item_branch", *_TRAINING),
 }
 
 
@@ -99,8 +115,10 @@ class PipelineConfig:
                 "(a directory with feature_spec.json)"})
     seeds: List[int] = dataclasses.field(default_factory=lambda: [0, 1, 2], metadata={
         "help": "seeds (each re-trains every stage)"})
-    variants: List[str] = dataclasses.field(default_factory=lambda: list(VARIANTS), metadata={
-        "help": "variants to run (default all): " + ", ".join(VARIANTS)})
+    variants: List[str] = dataclasses.field(
+        default_factory=lambda: [v for v in VARIANTS if v not in TRANSFER_VARIANTS], metadata={
+            "help": "variants to run (default all but the transfer ones, which need "
+                    "--transfer_data): " + ", ".join(VARIANTS)})
     baseline_interaction: str = dataclasses.field(default="dot", metadata={
         "help": "interaction of the non-SIF variants without one of their own: dot (TorchRec "
                 "DLRM), concat (a DNN, the peer's), dcn or mixer"})
@@ -127,6 +145,9 @@ class PipelineConfig:
                 "file: start-up paid once); false: one job per stage"})
     # ------------------------------------------------------------------ the stages
     data: DataConfig = nested(DataConfig, "the data stage (every dataset)")
+    transfer_data: DataConfig = nested(DataConfig, "the other domain whose IAT user-order "
+                                                   "tokens the transfer variants read (its "
+                                                   "dataset must differ from every --datasets)")
     compress: CompressConfig = nested(CompressConfig, "the IAT source models (both orders)")
     tokenize: TokenizeConfig = nested(TokenizeConfig, "the HGAQ tokenizer")
     assemble: AssembleConfig = nested(AssembleConfig, "history assembly (every store and split)")
@@ -143,6 +164,19 @@ class PipelineConfig:
         bad = [a for a in self.scheduler_args if "=" not in a]
         if bad:
             raise ValueError(f"--scheduler_args takes key=value pairs, got {bad}")
+        if self.transfers:
+            other = data_paths(self.transfer_data).name
+            clash = [d for d in self.datasets if data_paths(self.data_config(d)).name == other]
+            if clash:
+                raise ValueError(f"--transfer_data is the dataset {other!r}, also in --datasets: "
+                                 "the transfer variants read another domain (for synthetic "
+                                 "data set --data.synthetic.domain 1 for the target; for "
+                                 "MovieLens two --movielens_domain values)")
+
+    @property
+    def transfers(self) -> bool:
+        """Some chosen variant reads the other domain (``transfer_data``)."""
+        return any(v in TRANSFER_VARIANTS for v in self.variants)
 
     @property
     def device(self) -> str:
@@ -213,6 +247,7 @@ class _Planner:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.steps: List[Step] = []
+        self.transfer_paths: Optional[DataPaths] = None
 
     def add(self, name: str, component: str, config: Any, outputs: List[str],
             after: Optional[List[str]] = None, checkpoint_dir: Optional[str] = None,
@@ -228,8 +263,7 @@ class _Planner:
                                resources=res))
         return name
 
-    def data(self, dataset: str) -> DataPaths:
-        dc = self.cfg.data_config(dataset)
+    def data(self, dc: DataConfig) -> DataPaths:
         paths = data_paths(dc)
         self.add(f"{paths.name}/data", "prepare_data", dc,
                  [str(p) for p in paths.splits.values()], training=False, distributed=False)
@@ -242,6 +276,9 @@ class _Planner:
                   export_logs=[splits[s] for s in SPLITS])
         out: Dict[str, str] = {}
         for name in sorted(needed):
+            if name == TRANSFER_STORE:
+                out[name] = self.transfer_store(seed)
+                continue
             store = str(work / name)
             out[name] = store
             ckpt = str(work / "checkpoints" / name)
@@ -258,6 +295,34 @@ class _Planner:
                      after=[f"{paths.name}/data"], checkpoint_dir=ckpt)
         return out
 
+    def transfer_store(self, seed: int) -> str:
+        """The other domain's IAT user-order store of ``seed`` (planned once per seed, with the
+        other domain's data stage the first time)."""
+        c = self.cfg
+        if self.transfer_paths is None:
+            self.transfer_paths = self.data(c.transfer_data)
+        paths = self.transfer_paths
+        work = work_dir(self.run_dir, paths.name, seed)
+        store = str(work / "iat_user")
+        name = f"{paths.name}/seed{seed}/iat_user"
+        if name not in {s.name for s in self.steps}:
+            splits = {k: str(v) for k, v in paths.splits.items()}
+            ckpt = str(work / "checkpoints" / "iat_user")
+            config = dataclasses.replace(
+                c.compress, store=store, scheme=Scheme.USER, train_log=splits["train"],
+                valid_log=splits["valid"], export_logs=[splits[s] for s in SPLITS],
+                **_training(c.compress, seed, ckpt, c.device))
+            self.add(name, "compress", config, [store], after=[f"{paths.name}/data"],
+                     checkpoint_dir=ckpt)
+        return store
+
+    def store_step(self, paths: DataPaths, seed: int, name: str) -> str:
+        """The name of the step that makes store ``name`` for ``paths``' runs of ``seed``."""
+        if name == TRANSFER_STORE:
+            assert self.transfer_paths is not None
+            return f"{self.transfer_paths.name}/seed{seed}/iat_user"
+        return f"{paths.name}/seed{seed}/{name}"
+
     def histories(self, paths: DataPaths, seed: int, work: Path, stores: Dict[str, str],
                   needed: set) -> Dict[str, Dict[str, str]]:
         out: Dict[str, Dict[str, str]] = {}
@@ -266,11 +331,14 @@ class _Planner:
             for split in SPLITS:
                 output = str(work / f"hist_{name}_{split}")
                 out[name][split] = output
-                config = dataclasses.replace(self.cfg.assemble,
-                                             target_log=str(paths.splits[split]),
-                                             store=stores[name], output=output)
+                config = dataclasses.replace(
+                    self.cfg.assemble, target_log=str(paths.splits[split]), store=stores[name],
+                    output=output,
+                    allow_unknown_users=(name == TRANSFER_STORE
+                                         or self.cfg.assemble.allow_unknown_users))
                 self.add(f"{paths.name}/seed{seed}/hist_{name}_{split}", "assemble", config,
-                         [output], after=[f"{paths.name}/data", f"{paths.name}/seed{seed}/{name}"],
+                         [output], after=[f"{paths.name}/data",
+                                          self.store_step(paths, seed, name)],
                          training=False)
         return out
 
@@ -289,7 +357,13 @@ class _Planner:
             after += [f"{prefix}/hist_{v['store']}_{s}" for s in SPLITS]
             if v["store"] != "sif":
                 kw["iat_store"] = stores[v["store"]]
-                after.append(f"{prefix}/{v['store']}")
+                after.append(self.store_step(paths, seed, v["store"]))
+        if "item_store" in v:
+            h = histories[v["item_store"]]
+            kw.update(item_store=stores[v["item_store"]], train_item_history=h["train"],
+                      valid_item_history=h["valid"], test_item_history=h["test"])
+            after += [f"{prefix}/{v['item_store']}",
+                      *(f"{prefix}/hist_{v['item_store']}_{s}" for s in SPLITS)]
         sif = _needs_sif_store(variant)
         if sif:
             kw["sif_store"] = stores["sif"]
@@ -301,6 +375,7 @@ class _Planner:
             d.model, history_source=HistorySource(v["source"]),
             interaction="mixer" if sif else v.get("interaction", c.baseline_interaction),
             item_feature=c.item_feature_of(dataset),
+            iat_item_branch=v.get("iat_item_branch", d.model.iat_item_branch),
             item_history_len=min(d.model.item_history_len, c.assemble.max_len))
         config = dataclasses.replace(
             d, train_log=splits["train"], valid_log=splits["valid"], test_log=splits["test"],
@@ -314,13 +389,15 @@ def build_plan(cfg: PipelineConfig) -> List[Step]:
     evaluation, whose index of runs (``<run_dir>/runs.json``) :func:`runs_index` describes."""
     cfg.check()
     p = _Planner(cfg)
-    stores_needed = {VARIANTS[v]["store"] for v in cfg.variants} - {None}
+    stores_needed = ({VARIANTS[v]["store"] for v in cfg.variants}
+                     | {VARIANTS[v]["item_store"] for v in cfg.variants
+                        if "item_store" in VARIANTS[v]}) - {None}
     hist_needed = set(stores_needed)
     if any(_needs_sif_store(v) for v in cfg.variants):
         stores_needed.add("sif")
     train_steps: List[str] = []
     for dataset in cfg.datasets:
-        paths = p.data(dataset)
+        paths = p.data(cfg.data_config(dataset))
         for seed in cfg.seeds:
             work = work_dir(p.run_dir, paths.name, seed)
             stores = p.stores(paths, seed, work, stores_needed)

@@ -102,7 +102,8 @@ def load_runs(index: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 
 ORACLES = {"bayes": "Bayes (true logit)", "no_drift": "without the drifting user x context term",
-           "static": "user / item part only"}
+           "static": "user / item part only",
+           "transferable": "knowing only the other domain's user x context term"}
 
 
 def test_oracle(log: str, runs: Dict[str, List[Dict[str, Any]]], label: str
@@ -115,7 +116,7 @@ def test_oracle(log: str, runs: Dict[str, List[Dict[str, Any]]], label: str
         return None
     config = from_dict(SyntheticConfig, provenance["config"])
     oracle = oracle_auc(config, read_predictions(paths[0], label)["instance_id"])
-    return {k: oracle[k] for k in ORACLES}
+    return {k: oracle[k] for k in ORACLES if k in oracle}  # transferable: domains >= 1 only
 
 
 def last_epoch_gain(results: Dict[str, Any], label: str) -> Optional[float]:
@@ -218,7 +219,8 @@ def markdown(dataset: Dict[str, Any], rows: List[Dict[str, Any]], confidence: fl
                      f"{r['steps']:,.0f} | {r['best_epoch']:.1f} | {r['train_seconds']:.1f} |")
     if dataset.get("oracle"):
         lines += ["", "Oracle AUCs on these test samples (what the data allows): " + "; ".join(
-            f"{text} {dataset['oracle'][k]:.4f}" for k, text in ORACLES.items()) + "."]
+            f"{text} {dataset['oracle'][k]:.4f}" for k, text in ORACLES.items()
+            if k in dataset["oracle"]) + "."]
     gains = [r for r in rows if r["last_epoch_gain"] == r["last_epoch_gain"]]
     if gains:
         top = max(gains, key=lambda r: r["last_epoch_gain"])
@@ -270,8 +272,8 @@ def write_plot(path: Path, tables: Dict[str, List[Dict[str, Any]]], baseline: st
         ax.set_xticklabels([r["variant"] for r in rows], rotation=35, ha="right", fontsize=8)
         lo = min(m - r["auc_std"] for m, r in zip(means, rows))
         hi = max(m + r["auc_std"] for m, r in zip(means, rows))
-        for (k, text), style in zip(ORACLES.items(), ("-", "--", ":")):
-            if oracles.get(name):  # what the data allows
+        for (k, text), style in zip(ORACLES.items(), ("-", "--", ":", "-.")):
+            if oracles.get(name) and k in oracles[name]:  # what the data allows
                 ax.axhline(oracles[name][k], color="tab:red", linestyle=style, linewidth=1,
                            label=f"oracle: {text}")
                 lo, hi = min(lo, oracles[name][k]), max(hi, oracles[name][k])
