@@ -3,6 +3,10 @@
     # How much of the drifting user x context term can history recover, for a synthetic config?
     python apps/diagnose_history.py signal --num_instances 100000 --num_users 2000 --num_items 2000
 
+    # How much of domain 1's drift does domain 0's history reveal (transfer), per correlation?
+    python apps/diagnose_history.py transfer --num_instances 25000 --num_users 100 \
+        --num_items 2000 --correlations 0 0.5 1
+
     # Do a store's tokens (IAT floats or SIF codes) carry the context key of their instance?
     python apps/diagnose_history.py probe --log <data_dir>/synthetic-*/log --stores <work>/iat_temporal <work>/sif
 
@@ -17,6 +21,12 @@ estimate of the drift given the labels; ``p0`` the true no-drift probability), o
 ``max_len`` instances. ``bayes`` - ``no_drift`` is the drift's share of the Bayes AUC; the
 feature rows show how much of it history can give back at this size.
 
+``transfer`` does the same for domain 1 of the two-domain generator (one log per
+``--correlations`` value) with the decayed residuals computed from the user's matured same-key
+instances of *domain 0* (the other domain's history; every matured earlier row, no ``max_len``
+window: the decay makes old rows negligible), beside those of domain 1's own history: how much
+of the target's drift the other domain's history can give back, against the correlation.
+
 ``probe`` fits linear and small-MLP classifiers from the tokens of an instance to its context key
 (8 classes; SIF codes one-hot encoded) on the first 80% of the log by ts and reports accuracy on
 the last 10% (chance: the most frequent key).
@@ -25,6 +35,7 @@ the last 10% (chance: the most frequent key).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -68,18 +79,10 @@ def _fit_auc(cols: List[np.ndarray], y: np.ndarray, train: np.ndarray, test: np.
 
 def signal(cfg: S.SyntheticConfig, max_len: int = 50, train_quantile: float = 0.8,
            test_quantile: float = 0.9) -> Dict[str, object]:
-    cols: Dict[str, list] = {k: [] for k in ("ts", "user", "device", "hour", "click", "logit",
-                                             "drift")}
-    for table, truth in S.iter_tables_with_truth(cfg):
-        for k in ("ts", "user", "device", "hour", "click"):
-            cols[k].append(table[k].to_numpy())
-        cols["logit"].append(truth["logit"])
-        cols["drift"].append(truth["user_context_drift"])
-    ts, user, device, hour, click, logit, drift = (np.concatenate(cols[k]) for k in cols)
-    y = click.astype(np.float64)
+    d = _log_with_truth(cfg)
+    ts, user, key, logit, no_drift = (d[k] for k in ("ts", "user", "key", "logit", "no_drift"))
+    y = d["click"].astype(np.float64)
     n = y.size
-    key = context_key(device, hour)
-    no_drift = logit - drift
     p0 = 1.0 / (1.0 + np.exp(-no_drift))
     # Position of each row in its user's time order (the history window is the last max_len).
     o = np.lexsort((np.arange(n), ts, user))
@@ -128,6 +131,74 @@ def signal(cfg: S.SyntheticConfig, max_len: int = 50, train_quantile: float = 0.
                                      4),
         "auc_no_drift+decayed_residuals": round(_fit_auc([no_drift, *ideal], y, train, test), 4),
     }
+
+
+def _log_with_truth(cfg: S.SyntheticConfig) -> Dict[str, np.ndarray]:
+    """The columns the signals read, and the true logit without the drift."""
+    cols: Dict[str, list] = {k: [] for k in ("ts", "user", "device", "hour", "click", "logit",
+                                             "drift")}
+    for table, truth in S.iter_tables_with_truth(cfg):
+        for k in ("ts", "user", "device", "hour", "click"):
+            cols[k].append(table[k].to_numpy())
+        cols["logit"].append(truth["logit"])
+        cols["drift"].append(truth["user_context_drift"])
+    out = {k: np.concatenate(v) for k, v in cols.items()}
+    out["no_drift"] = out["logit"] - out["drift"]
+    out["key"] = context_key(out["device"], out["hour"])
+    return out
+
+
+def cross_residuals(hist: Dict[str, np.ndarray], query: Dict[str, np.ndarray], delay: int,
+                    taus=(1.0, 3.0, 7.0)) -> List[np.ndarray]:
+    """Per query row: the decayed residuals ``res`` and log weights ``w`` (as in ``signal``)
+    of the same user's matured (``ts_i + delay <= t``) same-key rows of ``hist``, another log."""
+    y = hist["click"].astype(np.float64)
+    p0 = 1.0 / (1.0 + np.exp(-hist["no_drift"]))
+    g = hist["user"].astype(np.int64) * 8 + hist["key"]
+    t0 = min(hist["ts"].min(), query["ts"].min())
+    o = np.lexsort((hist["ts"], g))
+    span = float(max(hist["ts"].max(), query["ts"].max()) - t0 + delay + 2)
+    comp = g[o] * span + (hist["ts"][o] - t0)
+    gq = query["user"].astype(np.int64) * 8 + query["key"]
+    start = np.searchsorted(comp, gq * span, side="left")
+    end = np.searchsorted(comp, gq * span + (query["ts"] - t0 - delay), side="right")
+    days_h, days_q = (hist["ts"][o] - t0) / 86400.0, (query["ts"] - t0) / 86400.0
+    top = max(days_h.max(), days_q.max())
+    out = []
+    for tau in taus:
+        e = np.exp((days_h - top) / tau)
+        cr = np.r_[0.0, np.cumsum((y - p0)[o] * e)]
+        cw = np.r_[0.0, np.cumsum((p0 * (1 - p0))[o] * e)]
+        eq = np.exp((days_q - top) / tau)
+        r_sum, w_sum = (cr[end] - cr[start]) / eq, np.maximum((cw[end] - cw[start]) / eq, 0.0)
+        out += [r_sum / (w_sum + 1.0), np.log1p(w_sum)]
+    return out
+
+
+def transfer(cfg: S.SyntheticConfig, correlations: List[float], train_quantile: float = 0.8,
+             test_quantile: float = 0.9) -> Dict[str, object]:
+    """Per correlation: domain 1's test AUC of its no-drift logit alone, plus the decayed
+    residuals of its own history, of domain 0's, and of both."""
+    source = _log_with_truth(cfg)
+    out: Dict[str, object] = {}
+    for rho in correlations:
+        target = _log_with_truth(dataclasses.replace(cfg, domain=1, domain_correlation=rho))
+        y = target["click"].astype(np.float64)
+        c1, c2 = np.quantile(target["ts"], [train_quantile, test_quantile])
+        train, test = target["ts"] < c1, target["ts"] >= c2
+        own = cross_residuals(target, target, cfg.label_delay_s)
+        other = cross_residuals(source, target, cfg.label_delay_s)
+        base = [target["no_drift"]]
+        out[f"rho{rho:g}"] = {
+            "test_rows": int(test.sum()),
+            "auc_bayes": round(auc(y[test], target["logit"][test]), 4),
+            "auc_no_drift": round(auc(y[test], target["no_drift"][test]), 4),
+            "auc_no_drift+own_history": round(_fit_auc(base + own, y, train, test), 4),
+            "auc_no_drift+other_domain_history": round(_fit_auc(base + other, y, train, test),
+                                                       4),
+            "auc_no_drift+both": round(_fit_auc(base + own + other, y, train, test), 4),
+        }
+    return out
 
 
 def _tokens(store: TokenStore, n: int) -> np.ndarray:
@@ -187,6 +258,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for f in ("context_strength", "user_zipf_exponent"):
         s.add_argument(f"--{f}", type=float, default=getattr(S.SyntheticConfig, f))
     s.add_argument("--max_len", type=int, default=50)
+    tr = sub.add_parser("transfer", help="how much of domain 1's drift domain 0's history "
+                                         "reveals, per correlation")
+    for f in ("num_instances", "num_users", "num_items", "seed", "label_delay_s"):
+        tr.add_argument(f"--{f}", type=int, default=getattr(S.SyntheticConfig, f))
+    tr.add_argument("--correlations", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     q = sub.add_parser("probe", help="do token stores carry the context key?")
     q.add_argument("--log", required=True, help="the synthetic instance log the stores cover")
     q.add_argument("--stores", nargs="+", required=True)
@@ -197,6 +273,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                          "label_delay_s", "context_strength",
                                          "user_zipf_exponent")}
         result = {"config": kw, **signal(S.SyntheticConfig(**kw), max_len=a.max_len)}
+    elif a.cmd == "transfer":
+        kw = {f: getattr(a, f) for f in ("num_instances", "num_users", "num_items", "seed",
+                                         "label_delay_s")}
+        result = {"config": kw, **transfer(S.SyntheticConfig(**kw), a.correlations)}
     else:
         result = probe(Path(a.log), [Path(x) for x in a.stores])
     print(json.dumps(result, indent=1))

@@ -21,7 +21,7 @@ from torchx import specs
 
 from conftest import REPO_ROOT, tiny_columns, tiny_spec
 from iat_torchrec.data.log import write_log
-from iat_torchrec.config import parse_config
+from iat_torchrec.config import parse_config, to_dict
 from iat_torchrec.pipeline.plan import (TRANSFER_VARIANTS, VARIANTS, PipelineConfig, Step,
                                         build_plan)
 from iat_torchrec.stages.evaluate import (CompareConfig, EvaluateConfig, ResultsError,
@@ -479,3 +479,43 @@ def test_a_failing_stage_stops_the_pipeline_with_its_log(e2e, tmp_path, capsys):
     assert code == 1
     assert "stage own-log/data FAILED" in err and "no .parquet files" in err
     assert (tmp_path / "run" / "logs" / "own-log__data.log").is_file()
+
+
+def test_transfer_end_to_end_reads_the_other_domains_tokens(tmp_path):
+    """apps/transfer.py's run on two tiny synthetic domains (rho 1): the target's model reads the
+    source domain's IAT tokens beside its own item history; the results name both stores and
+    the gains table carries the transfer gain with its interval."""
+    from iat_torchrec.pipeline.transfer import TransferConfig, run_transfer
+
+    config = json.loads((REPO_ROOT / "experiments" / "transfer_synthetic.json").read_text())
+    tiny = parse_config(PipelineConfig, TINY)  # the tiny sizes, as a config file
+    base = to_dict(tiny)
+    base.update(variants=["DLRM+BST", "DLRM+BST + other-domain IAT"], seeds=[0],
+                run_dir=str(tmp_path / "unused"))
+    base["data"]["data_dir"] = str(tmp_path / "data")
+    base["data"]["synthetic"]["domain"] = 1
+    base["transfer_data"] = dict(base["data"], synthetic=dict(base["data"]["synthetic"],
+                                                               domain=0))
+    assert config["data"]["synthetic"]["domain"] == 1  # the experiment's layout, at a tiny size
+    (tmp_path / "transfer.json").write_text(json.dumps(base))
+    lines: List[str] = []
+    cwd = os.getcwd()
+    try:
+        rows = run_transfer(TransferConfig(base_config=str(tmp_path / "transfer.json"),
+                                           correlations=[1.0], run_root=str(tmp_path / "runs"),
+                                           out=str(tmp_path / "out.json")), log=lines.append)
+    finally:
+        os.chdir(cwd)
+    (row,) = rows
+    gain = row["gains"]["DLRM+BST + other-domain IAT"]
+    assert gain["reference"] == "DLRM+BST" and gain["auc_gain_low"] <= gain["auc_gain_high"]
+    assert row["correlation"] == 1.0 and row["dataset"] == "synthetic-domain1"
+    assert set(row["oracle_auc_test"]) >= {"bayes", "transferable"}
+    work = tmp_path / "runs" / "rho1" / "work"
+    saved = json.loads((work / "synthetic-domain1" / "seed0" /
+                        "results_DLRM_BST___other-domain_IAT.json").read_text())
+    assert saved["stores"]["iat"] == str((work / "synthetic" / "seed0" / "iat_user").resolve())
+    assert saved["stores"]["item"].endswith("synthetic-domain1/seed0/iat_temporal")
+    assert "| DLRM+BST + other-domain IAT | DLRM+BST |" in "\n".join(lines)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["rows"][0]["gains"] and (tmp_path / "out.png").is_file()
