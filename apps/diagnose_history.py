@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from iat_torchrec.benchmark import benchmark_results
 from iat_torchrec.data import synthetic as S
 from iat_torchrec.data.synthetic import _auc as auc
 from iat_torchrec.tokens.store import TokenStore
@@ -263,6 +264,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for f in ("num_instances", "num_users", "num_items", "seed", "label_delay_s"):
         tr.add_argument(f"--{f}", type=int, default=getattr(S.SyntheticConfig, f))
     tr.add_argument("--correlations", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    tr.add_argument("--out", default="", help="JSON file for the result (with date and machine)")
     q = sub.add_parser("probe", help="do token stores carry the context key?")
     q.add_argument("--log", required=True, help="the synthetic instance log the stores cover")
     q.add_argument("--stores", nargs="+", required=True)
@@ -276,7 +278,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif a.cmd == "transfer":
         kw = {f: getattr(a, f) for f in ("num_instances", "num_users", "num_items", "seed",
                                          "label_delay_s")}
-        result = {"config": kw, **transfer(S.SyntheticConfig(**kw), a.correlations)}
+        measured = transfer(S.SyntheticConfig(**kw), a.correlations)
+        result = {"config": kw, **measured}
+        if a.out:
+            benchmark_results(S.SyntheticConfig(**kw), a.out, command=" ".join(
+                ["python apps/diagnose_history.py", *(argv if argv is not None else
+                                                      sys.argv[1:])]), **measured)
     else:
         result = probe(Path(a.log), [Path(x) for x in a.stores])
     print(json.dumps(result, indent=1))
