@@ -114,17 +114,6 @@ def test_a_saved_plan_shards_the_tables_as_planned(world, tmp_path):
             world, "none", "--sharding.plan_file", str(tmp_path / "two.json"))))
 
 
-def test_the_evaluation_batch_changes_no_metric(world):
-    """--eval_batch_size only sets how many valid / test rows one forward pass takes."""
-    small = run_train(parse_config(TrainDownstreamConfig, _args(world, "iat",
-                                                                "--eval_batch_size", "64")))
-    large = run_train(parse_config(TrainDownstreamConfig, _args(world, "iat",
-                                                                "--eval_batch_size", "1024")))
-    for split in ("valid", "test"):
-        for k in METRICS:
-            assert large[split]["click"][k] == pytest.approx(small[split]["click"][k], abs=1e-6)
-
-
 def test_the_row_groups_partition_reads_the_same_in_one_process(world):
     """--train.partition row_groups (each process decodes only its own row groups), with or
     without --train.shuffle_window, changes nothing for one process."""

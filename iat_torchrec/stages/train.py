@@ -120,9 +120,6 @@ class TrainDownstreamConfig(TrainingStageConfig):
     token_dim: int = dataclasses.field(default=0, metadata={
         "help": "IAT token width the model expects (0: the IAT store's); a store of another "
                 "width is refused"})
-    eval_batch_size: int = dataclasses.field(default=1024, metadata={
-        "help": "rows per process step when evaluating valid / test (no gradients, so larger "
-                "batches run faster; metrics do not depend on it); 0: --train.batch_size"})
     patience: int = dataclasses.field(default=0, metadata={
         "help": "early stopping: stop after this many epochs in a row without a better valid "
                 "AUC (0: train every epoch)"})
@@ -136,14 +133,11 @@ class TrainDownstreamConfig(TrainingStageConfig):
     def __post_init__(self) -> None:
         if self.patience < 0 or not 0.0 < self.plateau_lr_factor <= 1.0:
             raise ValueError("patience must be >= 0 and plateau_lr_factor in (0, 1]")
-        if self.eval_batch_size < 0:
-            raise ValueError(f"eval_batch_size must be >= 0, got {self.eval_batch_size}")
 
 
 # Settings that do not shape training: a resume may change them.
 NOT_IN_FINGERPRINT = (*COMMON_NOT_IN_FINGERPRINT, "valid_log", "test_log", "valid_history",
                       "test_history", "valid_item_history", "test_item_history",
-                      "eval_batch_size",
                       "lookup.sharding", "lookup.location",
                       "lookup.shard_min_bytes")
 
@@ -335,8 +329,7 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
         train = split == "train"
         return DownstreamReader(
             path, spec, ReaderConfig(
-                batch_size=cfg.train.batch_size if train or not cfg.eval_batch_size
-                else cfg.eval_batch_size, order=order, seed=cfg.train.seed,
+                batch_size=cfg.train.batch_size, order=order, seed=cfg.train.seed,
                 partition=cfg.train.partition if train else Partition.STEPS,
                 shuffle_window=cfg.train.shuffle_window if train else 0),
             env.rank, env.world_size, history=shards,
