@@ -147,14 +147,7 @@ class UserMap:
                 raise UserMapError(file, f"missing column: a user map needs int64 columns "
                                          f"{USER_ID} (the target log's ids) and {STORE_USER_ID} "
                                          "(the store's)", column=col)
-            arr = table[col]
-            if arr.type != pa.int64():
-                raise UserMapError(file, f"wrong type: expected int64, got {arr.type}",
-                                   column=col)
-            if arr.null_count:
-                row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
-                raise UserMapError(file, "null value, expected int64", column=col, row=row)
-            cols[col] = arr.to_numpy()
+            cols[col] = int64_column(table[col], file, col, UserMapError)
         order = np.argsort(cols[USER_ID], kind="stable")
         ids = cols[USER_ID][order]
         dup = np.flatnonzero(ids[1:] == ids[:-1])
@@ -189,6 +182,18 @@ def users_in_store(index: UserTimeIndex, user_map: Optional[UserMap],
     return mapped & np.isin(store_users, index.users)
 
 
+def int64_column(arr: pa.ChunkedArray, path: Path, col: str, error: type = InstanceLogError,
+                 first_row: int = 0) -> np.ndarray:
+    """``arr`` as int64 NumPy, or ``error`` naming the file, the column and (for a null) the row
+    (``first_row``: the file row of ``arr``'s first)."""
+    if arr.type != pa.int64():
+        raise error(path, f"wrong type: expected int64, got {arr.type}", column=col)
+    if arr.null_count:
+        row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise error(path, "null value, expected int64", column=col, row=first_row + row)
+    return arr.to_numpy()
+
+
 CHUNK_ROWS = 1 << 20  # target rows queried at once: sorted-needle searches amortise better
 
 
@@ -206,18 +211,8 @@ def _key_chunks(path: Path, pf: pq.ParquetFile) -> Iterator[Tuple[int, Dict[str,
         except (OSError, pa.ArrowException) as e:
             raise InstanceLogError(path, f"unreadable or corrupted Parquet data in row groups "
                                          f"{groups[0]}-{groups[-1]} ({e})", row=base) from None
-        out = {}
-        for col in KEY_COLUMNS:
-            arr = table[col]
-            if arr.type != pa.int64():
-                raise InstanceLogError(path, f"wrong type: expected int64, got {arr.type}",
-                                       column=col)
-            if arr.null_count:
-                row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
-                raise InstanceLogError(path, "null value, expected int64", column=col,
-                                       row=base + row)
-            out[col] = arr.to_numpy()
-        yield base, out
+        yield base, {col: int64_column(table[col], path, col, InstanceLogError, base)
+                     for col in KEY_COLUMNS}
         base += table.num_rows
 
 
