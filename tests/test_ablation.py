@@ -55,7 +55,7 @@ def test_run_ablation_runs_each_arm_once_and_writes_the_table(tmp_path, monkeypa
                          run_root=str(tmp_path / "abl"))
     rows = run_ablation(cfg, log=lambda s: None)
     assert len(runs) == 2  # the base arm (both claims' references, user_order) and sit_labels
-    assert runs[0][0] == str(tmp_path / "base") and len(runs[0][1]) == len(VARIANTS)
+    assert runs[0][0] == str(tmp_path / "base") and runs[0][1] == PipelineConfig().variants
     assert runs[1][1] == ["IAT user-order"] and runs[1][2] is True
     assert runs[1][0] == str(arm_dir(cfg, ("--compress.model.sit_labels", "true")))
     assert [r["claim"] for r in rows] == ["user_order", "sit_labels"]
