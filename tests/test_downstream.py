@@ -19,7 +19,8 @@ import torch
 from conftest import tiny_columns, tiny_spec
 from iat_torchrec.data.log import InstanceLogError, write_log
 from iat_torchrec.data.reader import ReaderConfig, ReadOrder
-from iat_torchrec.history import DownstreamBatch, HistoryLayout, history_item_features
+from iat_torchrec.history import (LABEL_UNKNOWN, DownstreamBatch, HistoryLayout,
+                                  history_item_features)
 from iat_torchrec.models.dlrm_sif import DLRM_SIF, DLRM_SIFTrain, DLRMSIFConfig
 from iat_torchrec.models.hgaq import subtoken_layout
 from iat_torchrec.models.history import BSTConfig, DINConfig
@@ -265,3 +266,27 @@ def test_dlrm_sif_consumes_reader_batches(world, source):
     loss, _ = DLRM_SIFTrain(model)(b)
     assert torch.isfinite(loss)
     loss.backward()
+
+
+def test_cross_task_history_carries_the_stores_labels(world):
+    """A downstream model of another task (here ``buy``) over a store of a ``click`` source
+    model: the targets' labels are the target log's, the history steps' side information the
+    store's own labels (the source task's), shown once matured."""
+    spec = dataclasses.replace(world.spec, labels=("buy",))
+    r = DownstreamReader(world.log, spec, ReaderConfig(batch_size=100, order=ReadOrder.TEMPORAL),
+                         history=world.shards, store=world.iat)
+    buy = dict(zip(world.cols["instance_id"].tolist(), world.cols["buy"].tolist()))
+    click = dict(zip(world.cols["instance_id"].tolist(), world.cols["click"].tolist()))
+    ts = dict(zip(world.cols["instance_id"].tolist(), world.cols["ts"].tolist()))
+    shown = 0
+    for b in r:
+        assert b.labels[:, 0].tolist() == [buy[int(i)] for i in b.instance_id]
+        h = b.history
+        for i in range(len(b)):
+            for j in np.flatnonzero(h.mask[i].numpy()):
+                iid = int(world.iat.column("instance_id", np.array([int(h.row_ids[i, j])]))[0])
+                matured = ts[iid] + spec.label_delay_s <= int(b.ts[i])
+                want = click[iid] if matured else LABEL_UNKNOWN
+                assert int(h.label[i, j]) == want
+                shown += matured
+    assert shown > 0
