@@ -39,7 +39,7 @@ from iat_torchrec.atomic import atomic_output
 from iat_torchrec.config import parse_config
 from iat_torchrec.pipeline.plan import PipelineConfig, runs_index
 from iat_torchrec.pipeline.runner import run_pipeline
-from iat_torchrec.stages.evaluate import EvaluateConfig, gain_interval, load_runs, seed_gain_std
+from iat_torchrec.stages.evaluate import EvaluateConfig, gains_over, load_runs
 
 # measured variant -> the reference its gain is relative to
 GAINS = {"DLRM+BST + other-domain IAT": "DLRM+BST", "Other-domain IAT": "DLRM"}
@@ -83,17 +83,8 @@ def transfer_row(name: str, pipeline: PipelineConfig, correlation: Optional[floa
     for measured, reference in GAINS.items():
         if measured not in runs or reference not in runs:
             continue
-        interval = gain_interval(dataset["label"], runs[measured], runs[reference], draws,
-                                 confidence)
-        g: Dict[str, Any] = {"reference": reference}
-        for m in ("auc", "gauc"):
-            ref = variants[reference][f"{m}_mean"]
-            g[f"{m}_gain_pct"] = 100.0 * (variants[measured][f"{m}_mean"] - ref) / ref
-            g[f"{m}_gain_std"] = seed_gain_std(runs[measured], runs[reference], m)
-            low, high = interval.get(m, (float("nan"), float("nan")))
-            g[f"{m}_gain_low"], g[f"{m}_gain_high"] = low, high
-            g[f"{m}_significant"] = bool(low > 0 or high < 0) if low == low else None
-        gains[measured] = g
+        gains[measured] = {"reference": reference, **gains_over(
+            dataset["label"], runs[measured], runs[reference], draws, confidence)}
     return {"run": name, "dataset": dataset["name"], "correlation": correlation,
             "seeds": sorted({r["seed"] for rs in runs.values() for r in rs}),
             "variants": variants, "gains": gains,
@@ -135,9 +126,9 @@ def _flags(cfg: TransferConfig) -> str:
 
 def _gain_cell(g: Dict[str, Any], m: str) -> str:
     out = f"{g[f'{m}_gain_pct']:+.2f}% +- {g[f'{m}_gain_std']:.2f}"
-    if g[f"{m}_significant"] is not None:
+    if g[f"{m}_gain_significant"] is not None:
         out += (f" [{g[f'{m}_gain_low']:+.2f}, {g[f'{m}_gain_high']:+.2f}]"
-                + ("" if g[f"{m}_significant"] else " n.s."))
+                + ("" if g[f"{m}_gain_significant"] else " n.s."))
     return out
 
 
@@ -173,7 +164,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
                            yerr=[g["auc_gain_std"] for _, g in pts], marker="o", capsize=3,
                            label=f"{measured} over {reference}")
         for x, g in pts:
-            if g["auc_significant"] is False:
+            if g["auc_gain_significant"] is False:
                 ax.plot([x], [g["auc_gain_pct"]], "o", color="white", markersize=4)
     ax.axhline(0.0, color="gray", lw=0.8)
     if all(r["correlation"] is not None for r in rows):

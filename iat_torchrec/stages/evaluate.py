@@ -132,7 +132,6 @@ def summarize(dataset: Dict[str, Any], draws: int = 0, confidence: float = 0.95
     dataset's baseline variant with their std over seeds (the gains of seeds paired by seed)
     and, with ``draws``, their paired bootstrap interval over test users."""
     rows = []
-    stats = {}
     for variant, runs in dataset["runs"].items():
         s = {"variant": variant, "dataset": dataset["name"], "seeds": len(runs)}
         for m in METRICS:
@@ -143,21 +142,31 @@ def summarize(dataset: Dict[str, Any], draws: int = 0, confidence: float = 0.95
             s[k] = float(np.mean(values)) if values else float("nan")
         valid = np.array([r["valid"]["auc"] for r in runs], dtype=float)
         s["valid_auc_mean"], s["valid_auc_std"] = float(valid.mean()), float(valid.std())
-        stats[variant] = s
         rows.append(s)
-    base = stats.get(dataset["baseline"])
     base_runs = dataset["runs"].get(dataset["baseline"], [])
     for s in rows:
-        runs = dataset["runs"][s["variant"]]
-        interval = gain_interval(dataset["label"], runs, base_runs, draws, confidence)
-        for m in ("auc", "gauc"):
-            s[f"{m}_gain_pct"] = (100.0 * (s[f"{m}_mean"] - base[f"{m}_mean"]) / base[f"{m}_mean"]
-                                  if base else float("nan"))
-            s[f"{m}_gain_std"] = seed_gain_std(runs, base_runs, m)
-            low, high = interval.get(m, (float("nan"), float("nan")))
-            s[f"{m}_gain_low"], s[f"{m}_gain_high"] = low, high
-            s[f"{m}_gain_significant"] = bool(low > 0 or high < 0) if low == low else None
+        s.update(gains_over(dataset["label"], dataset["runs"][s["variant"]], base_runs, draws,
+                            confidence))
     return rows
+
+
+def gains_over(label: str, runs: List[Dict[str, Any]], base_runs: List[Dict[str, Any]],
+               draws: int = 0, confidence: float = 0.95) -> Dict[str, Any]:
+    """The relative gain (%) of the seed-mean test AUC and GAUC of ``runs`` over
+    ``base_runs``: ``{m}_gain_pct``, its std over seeds (``{m}_gain_std``), its paired bootstrap
+    interval over test users (``{m}_gain_low`` / ``_high``, with ``draws``) and whether that
+    interval excludes zero (``{m}_gain_significant``; None without one). NaN without base runs."""
+    interval = gain_interval(label, runs, base_runs, draws, confidence)
+    out: Dict[str, Any] = {}
+    for m in ("auc", "gauc"):
+        mean = float(np.mean([r["test"][m] for r in runs]))
+        base = float(np.mean([r["test"][m] for r in base_runs])) if base_runs else float("nan")
+        out[f"{m}_gain_pct"] = 100.0 * (mean - base) / base
+        out[f"{m}_gain_std"] = seed_gain_std(runs, base_runs, m)
+        low, high = interval.get(m, (float("nan"), float("nan")))
+        out[f"{m}_gain_low"], out[f"{m}_gain_high"] = low, high
+        out[f"{m}_gain_significant"] = bool(low > 0 or high < 0) if low == low else None
+    return out
 
 
 def seed_gain_std(runs: List[Dict[str, Any]], base_runs: List[Dict[str, Any]],
