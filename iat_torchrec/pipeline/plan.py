@@ -269,52 +269,42 @@ class _Planner:
                  [str(p) for p in paths.splits.values()], training=False, distributed=False)
         return paths
 
-    def stores(self, paths: DataPaths, seed: int, work: Path, needed: set) -> Dict[str, str]:
+    def stores(self, paths: DataPaths, seed: int, needed: set) -> Dict[str, str]:
+        return {name: self.transfer_store(seed) if name == TRANSFER_STORE
+                else self.store(paths, seed, name) for name in sorted(needed)}
+
+    def store(self, paths: DataPaths, seed: int, name: str) -> str:
+        """Plan store ``name`` (an IAT scheme of :data:`SCHEMES`, or ``sif``) of ``paths``'
+        dataset and ``seed``: trained on its train split, every split exported; its path."""
         c = self.cfg
+        work = work_dir(self.run_dir, paths.name, seed)
         splits = {k: str(v) for k, v in paths.splits.items()}
         io = dict(train_log=splits["train"], valid_log=splits["valid"],
                   export_logs=[splits[s] for s in SPLITS])
-        out: Dict[str, str] = {}
-        for name in sorted(needed):
-            if name == TRANSFER_STORE:
-                out[name] = self.transfer_store(seed)
-                continue
-            store = str(work / name)
-            out[name] = store
-            ckpt = str(work / "checkpoints" / name)
-            if name in SCHEMES:
-                component = "compress"
-                config: Any = dataclasses.replace(c.compress, store=store, scheme=SCHEMES[name],
-                                                  **io, **_training(c.compress, seed, ckpt,
-                                                                    c.device))
-            else:
-                component = "tokenize"
-                config = dataclasses.replace(c.tokenize, store=store, **io,
-                                             **_training(c.tokenize, seed, ckpt, c.device))
-            self.add(f"{paths.name}/seed{seed}/{name}", component, config, [store],
-                     after=[f"{paths.name}/data"], checkpoint_dir=ckpt)
-        return out
+        store = str(work / name)
+        ckpt = str(work / "checkpoints" / name)
+        if name in SCHEMES:
+            component = "compress"
+            config: Any = dataclasses.replace(c.compress, store=store, scheme=SCHEMES[name],
+                                              **io, **_training(c.compress, seed, ckpt,
+                                                                c.device))
+        else:
+            component = "tokenize"
+            config = dataclasses.replace(c.tokenize, store=store, **io,
+                                         **_training(c.tokenize, seed, ckpt, c.device))
+        self.add(f"{paths.name}/seed{seed}/{name}", component, config, [store],
+                 after=[f"{paths.name}/data"], checkpoint_dir=ckpt)
+        return store
 
     def transfer_store(self, seed: int) -> str:
         """The other domain's IAT user-order store of ``seed`` (planned once per seed, with the
         other domain's data stage the first time)."""
-        c = self.cfg
         if self.transfer_paths is None:
-            self.transfer_paths = self.data(c.transfer_data)
+            self.transfer_paths = self.data(self.cfg.transfer_data)
         paths = self.transfer_paths
-        work = work_dir(self.run_dir, paths.name, seed)
-        store = str(work / "iat_user")
-        name = f"{paths.name}/seed{seed}/iat_user"
-        if name not in {s.name for s in self.steps}:
-            splits = {k: str(v) for k, v in paths.splits.items()}
-            ckpt = str(work / "checkpoints" / "iat_user")
-            config = dataclasses.replace(
-                c.compress, store=store, scheme=Scheme.USER, train_log=splits["train"],
-                valid_log=splits["valid"], export_logs=[splits[s] for s in SPLITS],
-                **_training(c.compress, seed, ckpt, c.device))
-            self.add(name, "compress", config, [store], after=[f"{paths.name}/data"],
-                     checkpoint_dir=ckpt)
-        return store
+        if self.store_step(paths, seed, TRANSFER_STORE) in {s.name for s in self.steps}:
+            return str(work_dir(self.run_dir, paths.name, seed) / "iat_user")
+        return self.store(paths, seed, "iat_user")
 
     def store_step(self, paths: DataPaths, seed: int, name: str) -> str:
         """The name of the step that makes store ``name`` for ``paths``' runs of ``seed``."""
@@ -400,7 +390,7 @@ def build_plan(cfg: PipelineConfig) -> List[Step]:
         paths = p.data(cfg.data_config(dataset))
         for seed in cfg.seeds:
             work = work_dir(p.run_dir, paths.name, seed)
-            stores = p.stores(paths, seed, work, stores_needed)
+            stores = p.stores(paths, seed, stores_needed)
             histories = p.histories(paths, seed, work, stores, hist_needed)
             for variant in cfg.variants:
                 train_steps.append(p.train(paths, dataset, seed, work, variant, stores,
