@@ -75,6 +75,10 @@ NEW_CLAIMS = {
     "iat_din": (("--downstream.model.iat.encoder", "din"), "IAT user-order"),
     "sif_flat": (("--downstream.model.mixer.structure", "flat"), "SIF"),
     "sif_pooled": (("--downstream.model.mixer.structure", "pooled"), "SIF"),
+    "iat_side_init": (("--downstream.model.iat.side_init_std", "1.0"), "IAT user-order"),
+    "sif_side_init": (("--downstream.model.mixer.side_init_std", "1.0"), "SIF"),
+    "token_width32": (("--compress.model.token_dim", "32"), "IAT user-order"),
+    "token_int8": (("--compress.token_dtype", "int8"), "IAT user-order"),
 }
 
 
@@ -112,6 +116,11 @@ def test_every_claims_flags_are_pipeline_settings():
             lambda c: c.downstream.model.iat.history_sees_query,
         "--downstream.model.mixer.history_sees_target":
             lambda c: c.downstream.model.mixer.history_sees_target,
+        "--downstream.model.iat.side_init_std": lambda c: c.downstream.model.iat.side_init_std,
+        "--downstream.model.mixer.side_init_std":
+            lambda c: c.downstream.model.mixer.side_init_std,
+        "--compress.model.token_dim": lambda c: c.compress.model.token_dim,
+        "--compress.token_dtype": lambda c: c.compress.token_dtype,
     }
     base = parse_config(PipelineConfig, ["--config", "experiments/main.json"],
                         exclude=pipeline_flag_exclusions())

@@ -90,7 +90,9 @@ def test_padding_invariance(name):
     module = _branches()[name].eval()
     x = _inputs()
     ref = _run(name, module, x)
-    assert ref.shape == (B, D) and torch.isfinite(ref).all()
+    tokens = getattr(module, "num_tokens", 1)
+    assert ref.shape == ((B, D) if tokens == 1 else (B, tokens, D)), name
+    assert torch.isfinite(ref).all()
     for variant in (_pad(x, 4, float("nan")), _pad(x, 9, 3.0), _scramble_padding(x),
                     _right_align(x)):
         assert torch.allclose(_run(name, module, variant), ref, atol=1e-5), name
@@ -218,3 +220,13 @@ def test_iat_default_is_the_transformer_with_side_labels():
     assert len(module.blocks) == cfg.num_layers
     with pytest.raises(ValueError, match="encoder"):
         IATBranchConfig(encoder="lstm")
+
+
+def test_iat_side_information_starts_at_its_configured_scale():
+    big, small = _iat_switch(side_init_std=1.0), _iat_switch()
+    for module, std in ((big, 1.0), (small, 0.02)):
+        for emb in (module.label_embedding, module.gap_embedding):
+            assert abs(emb.weight.std().item() - std) < 0.25 * std
+    assert big.adapt.weight.equal(small.adapt.weight)  # only the side information changes
+    with pytest.raises(ValueError, match="side_init_std"):
+        IATBranchConfig(side_init_std=0.0)

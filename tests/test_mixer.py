@@ -340,3 +340,12 @@ def test_structure_settings_are_checked_and_default_to_the_mixer():
         SIFMixerConfig(structure="nope")
     with pytest.raises(ValueError, match="pooling"):
         SIFMixerConfig(structure="pooled", pooling="flatten")
+
+
+def test_recency_and_side_encodings_start_at_their_configured_scale():
+    big, small = _mixer(side_init_std=1.0), _mixer()
+    for module, std in ((big, 1.0), (small, 0.02)):
+        for emb in (module.recency_embedding, module.side_embedding):
+            assert abs(emb.weight.std().item() - std) < 0.25 * std
+    with pytest.raises(ValueError, match="side_init_std"):
+        SIFMixerConfig(side_init_std=-1.0)

@@ -122,6 +122,8 @@ class IATBranchConfig:
                 "attention over the steps with the query as target (no blocks)"})
     din_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32], metadata={
         "help": "encoder din: hidden sizes of the activation unit (PReLU)"})
+    side_init_std: float = dataclasses.field(default=0.02, metadata={
+        "help": "std of the initial label and time-gap embeddings (side information)"})
     history_sees_query: bool = dataclasses.field(default=True, metadata={
         "help": "encoder transformer: the steps attend to the query too (so each candidate "
                 "re-encodes the history) | false: the steps attend among themselves and the "
@@ -130,6 +132,9 @@ class IATBranchConfig:
     def __post_init__(self) -> None:
         if self.adapt_dim <= 0 or self.side_dim <= 0:
             raise ValueError("IATBranchConfig: adapt_dim and side_dim must be > 0")
+        if not self.side_init_std > 0:
+            raise ValueError(f"IATBranchConfig.side_init_std must be > 0, "
+                             f"got {self.side_init_std}")
         if self.encoder not in IAT_ENCODERS:
             raise ValueError(f"IATBranchConfig.encoder must be one of {IAT_ENCODERS}, "
                              f"got {self.encoder!r}")
@@ -474,9 +479,11 @@ class IATBranch(nn.Module):
         self.norm = nn.LayerNorm(width, device=device)
         self.output = nn.Linear(width, output_dim, device=device)
         self.output_dim: int = output_dim
-        for emb in (self.label_embedding, self.gap_embedding, self.position_embedding):
+        for emb in (self.label_embedding, self.gap_embedding):
             if emb is not None:
-                nn.init.normal_(emb.weight, std=0.02)
+                nn.init.normal_(emb.weight, std=config.side_init_std)
+        if self.position_embedding is not None:
+            nn.init.normal_(self.position_embedding.weight, std=0.02)
 
     def steps(self, tokens: torch.Tensor, label: torch.Tensor, gap_bucket: torch.Tensor,
               mask: torch.Tensor) -> torch.Tensor:

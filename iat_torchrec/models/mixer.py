@@ -89,6 +89,8 @@ class SIFMixerConfig:
         default=64, metadata={"help": "recency (time-gap bucket) ids per history step"})
     side_values: int = dataclasses.field(
         default=4, metadata={"help": "side-information ids per history step (0: none)"})
+    side_init_std: float = dataclasses.field(default=0.02, metadata={
+        "help": "std of the initial recency and side-information encodings"})
     pooling: str = dataclasses.field(
         default="mean", metadata={"help": "mean | flatten: how the target row is output"})
     alignment_weight: float = dataclasses.field(
@@ -110,6 +112,8 @@ class SIFMixerConfig:
         if self.d0 % self.num_heads:
             raise ValueError(f"SIFMixerConfig: d0 ({self.d0}) must be a multiple of num_heads "
                              f"({self.num_heads})")
+        if not self.side_init_std > 0:
+            raise ValueError(f"SIFMixerConfig.side_init_std must be > 0, got {self.side_init_std}")
         if self.side_values < 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("SIFMixerConfig: side_values must be >= 0, dropout in [0, 1)")
         if self.pooling not in POOLINGS:
@@ -238,7 +242,8 @@ class SIFMixer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Alignment like ``nn.Linear``; encodings N(0, 0.02); target embedding zero."""
+        """Alignment like ``nn.Linear``; encodings N(0, side_init_std^2); target embedding
+        zero."""
         if self.align_weight.device.type == "meta":
             return
         with torch.no_grad():
@@ -246,9 +251,10 @@ class SIFMixer(nn.Module):
             nn.init.uniform_(self.align_weight, -bound, bound)
             nn.init.uniform_(self.align_bias, -bound, bound)
             nn.init.zeros_(self.target_embedding)
-            nn.init.normal_(self.recency_embedding.weight, std=0.02)
+            std = self.config.side_init_std
+            nn.init.normal_(self.recency_embedding.weight, std=std)
             if self.side_embedding is not None:
-                nn.init.normal_(self.side_embedding.weight, std=0.02)
+                nn.init.normal_(self.side_embedding.weight, std=std)
 
     def align(self, target_features: torch.Tensor) -> torch.Tensor:
         """W_res: per-slot features [B, T, target_dim] -> codebook space [B, T, d0]."""
