@@ -30,7 +30,7 @@ def _history(seed: int = 0):
     return items, label, mask
 
 
-def test_mean_pool_is_the_mean_item_plus_the_mean_label_of_the_real_steps():
+def test_mean_pool_is_the_mean_item_and_the_mean_label_of_the_real_steps():
     torch.manual_seed(0)
     pool = MeanPoolHistory(D)
     items, label, mask = _history()
@@ -38,11 +38,11 @@ def test_mean_pool_is_the_mean_item_plus_the_mean_label_of_the_real_steps():
     out = pool(torch.randn(B, D), items, label, torch.full((B, L), -3), mask)
     table = pool.label_embedding.weight
     expected = torch.stack([
-        items[b, mask[b]].mean(0) + table[label[b, mask[b]]].mean(0) if mask[b].any()
-        else torch.zeros(D) for b in range(B)])
-    assert out.shape == (B, D) and torch.isfinite(out).all()
+        torch.stack([items[b, mask[b]].mean(0), table[label[b, mask[b]]].mean(0)])
+        if mask[b].any() else torch.zeros(2, D) for b in range(B)])
+    assert out.shape == (B, 2, D) and torch.isfinite(out).all()
     assert torch.allclose(out, expected, atol=1e-6)
-    assert torch.equal(out[0], torch.zeros(D))
+    assert torch.equal(out[0], torch.zeros(2, D))
     out.sum().backward()
     count = mask.sum(1, keepdim=True).clamp_min(1)
     assert torch.allclose(items.grad, (mask / count).unsqueeze(-1).expand(B, L, D))
@@ -56,7 +56,7 @@ def test_mean_pool_is_the_mean_item_plus_the_mean_label_of_the_real_steps():
 def test_pooled_and_dcn_baselines_learn(world, source, interaction):
     cfg = dlrm.small_config(source, interaction)
     model = dlrm.build(world, cfg)
-    tower, n = model.tower, len(world.spec.sparse) + (source == "pooled")
+    tower, n = model.tower, len(world.spec.sparse) + 2 * (source == "pooled")  # items, labels
     assert [type(a.encoder) for a in tower.history_archs] == \
         ([MeanPoolHistory] if source == "pooled" else [])
     if interaction == "dcn":

@@ -270,14 +270,15 @@ class TowerInputs:
 
 
 class ItemHistoryArch(nn.Module):
-    """The hand-crafted item-id history as one feature token: DIN, BST or a mean pool over the
-    item embeddings of the last k history steps (the ``hist_item_*`` features of the item
-    table), the target's item embedding as query, label and gap as side information.
+    """The hand-crafted item-id history as feature tokens: DIN, BST (one token) or a mean pool
+    (two: items and labels) over the item embeddings of the last k history steps (the
+    ``hist_item_*`` features of the item table), the target's item embedding as query, label and
+    gap as side information.
 
     Args:
         encoder: :class:`DINAttention`, :class:`BSTEncoder` or :class:`MeanPoolHistory`,
             ``(target item [B, D], items [B, k, D], label, gap_bucket, mask [B, k]) ->
-            [B, D]``.
+            [B, D]`` or ``[B, encoder.num_tokens, D]``.
         item_index: the item field's position among the sparse features.
         history_len: k.
         gap_pad: the gap bucket of padding steps.
@@ -286,13 +287,14 @@ class ItemHistoryArch(nn.Module):
 
         arch = ItemHistoryArch(BSTEncoder(16, BSTConfig()), item_index=0, history_len=50,
                                gap_pad=9)
-        token = arch(inputs)                    # [B, 16]
+        tokens = arch(inputs)                   # [B, 1, 16]
     """
 
     def __init__(self, encoder: nn.Module, item_index: int, history_len: int,
                  gap_pad: int) -> None:
         super().__init__()
         self.encoder = encoder
+        self.num_tokens: int = encoder.num_tokens
         self.item_index, self.history_len, self.gap_pad = item_index, history_len, gap_pad
         self.feature_names = history_item_features(history_len)
 
@@ -300,8 +302,9 @@ class ItemHistoryArch(nn.Module):
         hist = x.item_history if x.item_history is not None else x.shared_history()
         recent = x.per_sample(last_steps(hist, self.history_len, self.gap_pad))
         items = keyed_columns(x.pooled, self.feature_names, self.encoder.embed_dim)
-        return self.encoder(x.sparse[:, self.item_index], items, recent.label,
-                            recent.gap_bucket, recent.mask)
+        out = self.encoder(x.sparse[:, self.item_index], items, recent.label,
+                           recent.gap_bucket, recent.mask)
+        return out.view(out.shape[0], self.num_tokens, out.shape[-1])
 
 
 class IATHistoryArch(nn.Module):
@@ -316,8 +319,10 @@ class IATHistoryArch(nn.Module):
 
         arch = IATHistoryArch(IATBranch(64, (1 + F) * 16, 16, IATBranchConfig()),
                               FrozenLookup(token_lookup))
-        token = arch(inputs)                    # [B, 16]
+        tokens = arch(inputs)                   # [B, 1, 16]
     """
+
+    num_tokens = 1
 
     def __init__(self, branch: IATBranch, lookup: FrozenLookup) -> None:
         super().__init__()
@@ -327,7 +332,8 @@ class IATHistoryArch(nn.Module):
         hist = x.shared_history()
         tokens = self.lookup(hist.row_ids, x.dense)
         query = torch.cat([x.dense, x.sparse.flatten(1)], dim=1)
-        return self.branch(tokens, hist.label, hist.gap_bucket, hist.mask, query, x.groups)
+        return self.branch(tokens, hist.label, hist.gap_bucket, hist.mask, query,
+                           x.groups).unsqueeze(1)
 
 
 class TokenRows(nn.Module):
@@ -466,8 +472,10 @@ class DLRMSIFTower(nn.Module):
         sparse_names: the sparse features the parts read, in spec order (F).
         embedding_dim: D.
         dense_arch: dense features [B, num_dense] -> [B, D].
-        history_archs: parts :class:`TowerInputs` -> one more feature token [B, D] each.
-        inter_arch: ``(inputs, features [B, F + len(history_archs), D]) -> (out [B, n],
+        history_archs: parts :class:`TowerInputs` -> ``num_tokens`` more feature tokens
+            [B, num_tokens, D] each.
+        inter_arch: ``(inputs, features [B, F + H, D]) -> (out [B, n],  (H: the history
+            archs' tokens)
             per-row alignment loss [B])``.
         over_arch: [B, n] -> logits [B, num_labels].
         codebooks: frozen HGAQ codebooks [T, M, V, d0] (a buffer, handed to the parts).
@@ -520,8 +528,7 @@ class DLRMSIFTower(nn.Module):
             groups = QueryGroups.of(history_groups.to(dense.device), history.row_ids.shape[0])
         x = TowerInputs(dense, keyed_columns(pooled, self.sparse_names, self.embedding_dim),
                         pooled, history, target_codes, self.codebooks, groups, item_history)
-        features = torch.cat([x.sparse, *(arch(x).unsqueeze(1) for arch in self.history_archs)],
-                             dim=1)
+        features = torch.cat([x.sparse, *(arch(x) for arch in self.history_archs)], dim=1)
         out, align = self.inter_arch(x, features)
         return self.over_arch(out), align
 
@@ -595,7 +602,7 @@ def build_tower(spec: FeatureSpec, config: DLRMSIFConfig, *,
         inter_arch = SIFMixerHistoryArch(mixer, slot_index,
                                          [row_parts[kind]() for kind in v.sif_rows])
     else:
-        n = num_sparse + len(history_archs)
+        n = num_sparse + sum(arch.num_tokens for arch in history_archs)
         interactions: Dict[str, Callable[[], FeatureInteraction]] = {
             "dot": lambda: FeatureInteraction(InteractionArch(n), d + choose(n, 2) + n),
             # As DLRM_DCN builds it; LowRankCrossNet takes no device argument.

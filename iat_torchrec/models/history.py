@@ -14,7 +14,8 @@ feature interaction as one more feature:
   steps carrying label, time-gap and position-from-the-end embeddings; pre-LayerNorm Transformer
   blocks with a padding mask; the output is the target token (or the masked mean of all tokens).
 - :class:`MeanPoolHistory`: the peer library's DNN baseline (METHOD.md, "How the peer's numbers
-  were made"): the mean item embedding plus the mean label embedding over the real steps.
+  were made"): the mean item embedding and the mean label embedding over the real steps, two
+  feature tokens as the peer's two pooled sequence fields.
 - :class:`IATBranch`: instance tokens e (frozen, from the token lookup) -> adaptation
   ``sigmoid(W e + b)`` (64) concatenated with side-information embeddings (label + gap, 64) ->
   128 per step; a query token, a compressed linear projection of the current sample's features,
@@ -285,6 +286,8 @@ class DINAttention(nn.Module):
                   history.label, history.gap_bucket, history.mask)   # -> [B, 16]
     """
 
+    num_tokens = 1
+
     def __init__(self, embed_dim: int, config: DINConfig, label_vocab: int = LABEL_VOCAB_SIZE,
                  gap_vocab: int = DEFAULT_GAP_VOCAB, device: Optional[torch.device] = None
                  ) -> None:
@@ -337,6 +340,8 @@ class BSTEncoder(nn.Module):
         out = bst(target_item, history_items, history.label, history.gap_bucket,
                   history.mask)    # -> [B, 16]
     """
+
+    num_tokens = 1
 
     def __init__(self, embed_dim: int, config: BSTConfig, label_vocab: int = LABEL_VOCAB_SIZE,
                  gap_vocab: int = DEFAULT_GAP_VOCAB, device: Optional[torch.device] = None
@@ -392,9 +397,10 @@ class BSTEncoder(nn.Module):
 
 # --------------------------------------------------------------------------- mean pool
 class MeanPoolHistory(nn.Module):
-    """Mean pooling of an item-id history with its labels: the mean of the item embeddings plus
-    the mean of learned label embeddings over the real steps (the peer library's DNN; its label
-    ids already tell unknown / not matured labels apart). Target and time gaps are not read.
+    """Mean pooling of an item-id history with its labels, as two feature tokens: the mean of
+    the item embeddings and the mean of learned label embeddings over the real steps (the peer
+    library's DNN, whose item and label sequences are two pooled fields; its label ids already
+    tell unknown / not matured labels apart). Target and time gaps are not read.
 
     Args:
         embed_dim: D, the item embedding width.
@@ -406,8 +412,10 @@ class MeanPoolHistory(nn.Module):
         pool = MeanPoolHistory(16)
         out = pool(target_item,           # [B, 16] (unused)
                    history_items,         # [B, L, 16] item embeddings
-                   history.label, history.gap_bucket, history.mask)   # -> [B, 16]
+                   history.label, history.gap_bucket, history.mask)   # -> [B, 2, 16]
     """
+
+    num_tokens = 2
 
     def __init__(self, embed_dim: int, label_vocab: int = LABEL_VOCAB_SIZE,
                  device: Optional[torch.device] = None) -> None:
@@ -420,11 +428,13 @@ class MeanPoolHistory(nn.Module):
     def forward(self, target: torch.Tensor, items: torch.Tensor, label: torch.Tensor,
                 gap_bucket: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """target [B, D] (unused), items [B, L, D], label / gap_bucket (unused) [B, L] int,
-        mask [B, L] bool -> [B, D] (zeros for an empty history)."""
+        mask [B, L] bool -> [B, 2, D]: the item mean and the label mean (zeros for an empty
+        history)."""
         mask = mask.bool()
-        steps = zero_padding(items, mask) + embed(self.label_embedding, masked_ids(label, mask))
-        count = mask.sum(1, keepdim=True).clamp_min(1).to(steps.dtype)
-        return zero_padding(steps, mask).sum(1) / count
+        steps = torch.stack([zero_padding(items, mask),
+                             embed(self.label_embedding, masked_ids(label, mask))], dim=1)
+        count = mask.sum(1).clamp_min(1).to(steps.dtype).view(-1, 1, 1)
+        return (steps * mask[:, None, :, None]).sum(2) / count
 
 
 # --------------------------------------------------------------------------- IAT
