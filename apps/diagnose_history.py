@@ -3,6 +3,10 @@
     # How much of the drifting user x context term can history recover, for a synthetic config?
     python apps/diagnose_history.py signal --num_instances 100000 --num_users 2000 --num_items 2000
 
+    # The same at the main job's size, written with date and machine
+    python apps/diagnose_history.py signal --num_instances 25000 --num_users 100 \
+        --num_items 2000 --max_len 128 --out results/signal_main_job.json
+
     # How much of domain 1's drift does domain 0's history reveal (transfer), per correlation?
     python apps/diagnose_history.py transfer --num_instances 25000 --num_users 100 \
         --num_items 2000 --correlations 0 0.5 1
@@ -259,6 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for f in ("context_strength", "user_zipf_exponent"):
         s.add_argument(f"--{f}", type=float, default=getattr(S.SyntheticConfig, f))
     s.add_argument("--max_len", type=int, default=50)
+    s.add_argument("--out", default="", help="JSON file for the result (with date and machine)")
     tr = sub.add_parser("transfer", help="how much of domain 1's drift domain 0's history "
                                          "reveals, per correlation")
     for f in ("num_instances", "num_users", "num_items", "seed", "label_delay_s"):
@@ -274,11 +279,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         kw = {f: getattr(a, f) for f in ("num_instances", "num_users", "num_items", "seed",
                                          "label_delay_s", "context_strength",
                                          "user_zipf_exponent")}
-        result = {"config": kw, **signal(S.SyntheticConfig(**kw), max_len=a.max_len)}
+        measured = signal(S.SyntheticConfig(**kw), max_len=a.max_len)
     elif a.cmd == "transfer":
         kw = {f: getattr(a, f) for f in ("num_instances", "num_users", "num_items", "seed",
                                          "label_delay_s")}
         measured = transfer(S.SyntheticConfig(**kw), a.correlations)
+    if a.cmd in ("signal", "transfer"):
         result = {"config": kw, **measured}
         if a.out:
             benchmark_results(S.SyntheticConfig(**kw), a.out, command=" ".join(

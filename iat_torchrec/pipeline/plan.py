@@ -34,8 +34,8 @@ the seed, the variant's history source, the device) and passes the rest through 
 A run is reproducible from the ``config.json`` it writes (``--config``).
 
 Variants (METHOD.md, "Evaluation protocol"): DLRM (no history, dot interaction), DLRM+pooled
-history and DCNv2 (the peer's DNN and DCNv2: the mean of the last k items and of their labels as
-one more feature, through the dot interaction or TorchRec's DCN cross net), DLRM+DIN, DLRM+BST,
+history and DCNv2 (the peer's DNN and DCNv2: the mean of the last k items and the mean of their
+labels as two more features, through the dot interaction or TorchRec's DCN cross net), DLRM+DIN, DLRM+BST,
 IAT temporal-order, IAT user-order (each with the BST item branch beside the IAT branch), SIF
 (HGAQ codes through the SIF-Mixer) and SIF over IAT tokens (``sif_iat``, user-order store). The
 variants without an interaction of their own use ``baseline_interaction`` (dot: TorchRec's
