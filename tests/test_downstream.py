@@ -28,7 +28,7 @@ from iat_torchrec.models.mixer import SIFMixerConfig
 from iat_torchrec.models.variants import HistorySource
 from iat_torchrec.stages.assemble import AssembleConfig, assemble_history
 from iat_torchrec.tokens.downstream import DownstreamDataError, DownstreamReader
-from iat_torchrec.tokens.lookup import SampleCodeLookup
+from iat_torchrec.tokens.lookup import InstanceTokenLookup, SampleCodeLookup
 from iat_torchrec.tokens.shards import HistoryShards, HistoryShardsError, query_history
 from iat_torchrec.tokens.store import TokenStore
 
@@ -173,17 +173,26 @@ def test_labels_must_mature_in_the_stores_domain(world):
                            output=str(world.tmp / "nodelay_h"), max_len=L))), store=no_delay)
 
 
+def own_store(world):
+    """The target domain's own store (the even rows of the log, tokens of another width than
+    the world's store), its exported log and the log's history shards on it."""
+    if not (world.tmp / "own_h").exists():
+        even = np.arange(0, N, 2)
+        write_log(pa.table({k: np.asarray(v)[even] for k, v in world.cols.items()}),
+                  world.tmp / "own_log", world.spec)
+        make_store(world.tmp / "own", world.cols, "iat", rows=even, shape=(D + 4,), seed=5)
+        assemble_history(AssembleConfig(
+            target_log=str(world.log), store=str(world.tmp / "own"),
+            output=str(world.tmp / "own_h"), max_len=6, allow_unknown_users=True))
+    return (TokenStore.open(world.tmp / "own"), HistoryShards.open(world.tmp / "own_h"),
+            world.tmp / "own_log")
+
+
 def test_item_branch_reads_its_own_store(world):
     """With item shards on another store (the target domain's own, while the tokens' history
     is another domain's), the item history and its ids come from that store, exactly as a
     reader built on it alone gives them; the token history is unchanged."""
-    even = np.arange(0, N, 2)
-    own_log = write_log(pa.table({k: np.asarray(v)[even] for k, v in world.cols.items()}),
-                        world.tmp / "own_log", world.spec)
-    own = make_store(world.tmp / "own", world.cols, "iat", rows=even, seed=5)
-    own_shards = HistoryShards.open(assemble_history(AssembleConfig(
-        target_log=str(world.log), store=str(own.path), output=str(world.tmp / "own_h"),
-        max_len=6, allow_unknown_users=True)))
+    own, own_shards, own_log = own_store(world)
     both = list(reader(world, order=ReadOrder.TEMPORAL, item_shards=own_shards,
                        item_store=own, item_logs=[own_log]))
     alone = list(reader(world, order=ReadOrder.TEMPORAL, history=own_shards, store=own,
@@ -266,6 +275,41 @@ def test_dlrm_sif_consumes_reader_batches(world, source):
     loss, _ = DLRM_SIFTrain(model)(b)
     assert torch.isfinite(loss)
     loss.backward()
+
+
+def test_own_tokens_beside_another_stores_in_a_second_iat_branch(world):
+    """``item_store_iat``: a second IAT branch reads the item store's tokens (the target
+    domain's own) over ``item_history``, the first the history store's over ``history``; each
+    branch's token is its IATBranch over its own store's rows."""
+    torch.manual_seed(0)
+    own, own_shards, own_log = own_store(world)
+    cfg = dataclasses.replace(small_config("iat"), item_store_iat=True)
+    model = DLRM_SIF(world.spec, cfg, token_lookup=InstanceTokenLookup(world.iat),
+                     item_token_lookup=InstanceTokenLookup(own)).eval()
+    other_arch, own_arch = model.tower.history_archs[1:]
+    assert (other_arch.item_history, own_arch.item_history) == (False, True)
+    assert own_arch.branch.adapt.in_features == D + 4 != other_arch.branch.adapt.in_features
+    b = next(iter(reader(world, batch_size=64, item_shards=own_shards, item_store=own,
+                         item_logs=[own_log])))
+    logits = model(b.dense_features, b.sparse_features, b.history, item_history=b.item_history)
+    assert logits.shape == (64, len(world.spec.labels)) and torch.isfinite(logits).all()
+    pooled = model.sparse_arch.embedding_bag_collection(b.sparse_features)
+    tower = model.tower
+    dense = tower.dense_arch(b.dense_features)
+    sparse = torch.stack([pooled[f] for f in tower.sparse_names], 1)
+    query = torch.cat([dense, sparse.flatten(1)], 1)
+    h = b.item_history
+    tokens = torch.from_numpy(own.tokens_fp32(h.row_ids.clamp_min(0).numpy().ravel())
+                              ).view(*h.row_ids.shape, D + 4)
+    want = own_arch.branch(tokens, h.label, h.gap_bucket, h.mask, query)
+    x = SimpleNamespace(item_history=h, dense=dense, sparse=sparse, groups=None)
+    assert torch.allclose(own_arch(x)[:, 0], want, atol=1e-5)
+    with pytest.raises(ValueError, match="give item_history"):
+        model(b.dense_features, b.sparse_features, b.history)
+    with pytest.raises(ValueError, match="item token lookup"):
+        DLRM_SIF(world.spec, cfg, token_lookup=InstanceTokenLookup(world.iat))
+    with pytest.raises(ValueError, match="no IAT branch or no item branch"):
+        dataclasses.replace(small_config("bst"), item_store_iat=True)
 
 
 def test_cross_task_history_carries_the_stores_labels(world):

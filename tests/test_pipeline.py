@@ -108,6 +108,11 @@ def test_transfer_plan_reads_the_other_domains_store():
     assert both.args["model.iat_item_branch"] == "bst"
     alone = by_name["synthetic-domain1/seed0/train_Other-domain_IAT"]
     assert alone.args["model.iat_item_branch"] == "none" and not alone.args["item_store"]
+    own = by_name["synthetic-domain1/seed0/train_IAT_user-order___other-domain_IAT"]
+    assert own.args["iat_store"] == source.args["store"] and own.args["model.item_store_iat"]
+    assert own.args["item_store"].endswith("synthetic-domain1/seed0/iat_user")
+    assert own.args["test_item_history"].endswith("hist_iat_user_test")
+    assert not both.args["model.item_store_iat"]
     with pytest.raises(ValueError, match="--transfer_data is the dataset 'synthetic'"):
         build_plan(parse_config(PipelineConfig, TINY + ["--variants", *TRANSFER_VARIANTS]))
 
@@ -490,7 +495,8 @@ def test_transfer_end_to_end_reads_the_other_domains_tokens(tmp_path):
     config = json.loads((REPO_ROOT / "experiments" / "transfer_synthetic.json").read_text())
     tiny = parse_config(PipelineConfig, TINY)  # the tiny sizes, as a config file
     base = to_dict(tiny)
-    base.update(variants=["DLRM+BST", "DLRM+BST + other-domain IAT"], seeds=[0],
+    base.update(variants=["DLRM+BST", "DLRM+BST + other-domain IAT",
+                          "IAT user-order + other-domain IAT"], seeds=[0],
                 run_dir=str(tmp_path / "unused"))
     base["data"]["data_dir"] = str(tmp_path / "data")
     base["data"]["synthetic"]["domain"] = 1
@@ -516,6 +522,10 @@ def test_transfer_end_to_end_reads_the_other_domains_tokens(tmp_path):
                         "results_DLRM_BST___other-domain_IAT.json").read_text())
     assert saved["stores"]["iat"] == str((work / "synthetic" / "seed0" / "iat_user").resolve())
     assert saved["stores"]["item"].endswith("synthetic-domain1/seed0/iat_temporal")
+    both = json.loads((work / "synthetic-domain1" / "seed0" /
+                       "results_IAT_user-order___other-domain_IAT.json").read_text())
+    assert both["stores"]["item"].endswith("synthetic-domain1/seed0/iat_user")
+    assert both["lookups"]["item tokens"]["table_rows"] > 0  # the own tokens' second branch
     assert "| DLRM+BST + other-domain IAT | DLRM+BST |" in "\n".join(lines)
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["rows"][0]["gains"] and (tmp_path / "out.png").is_file()

@@ -139,6 +139,10 @@ class DLRMSIFConfig:
         "help": "k: the item-id history is the last k steps of the history"})
     iat_item_branch: str = dataclasses.field(default="bst", metadata={
         "help": "hand-crafted branch kept beside the IAT branch: bst | din | mean | none"})
+    item_store_iat: bool = dataclasses.field(default=False, metadata={
+        "help": "a second IAT branch over the instance tokens of the item branch's own store "
+                "(the target domain's own tokens beside another domain's; needs an IAT history "
+                "source, an item branch and an 'iat' item store)"})
 
     def __post_init__(self) -> None:
         self.history_source = HistorySource(self.history_source)
@@ -168,6 +172,10 @@ class DLRMSIFConfig:
                                  f"{self.item_branch} needs item_feature")
             if self.item_history_len <= 0:
                 raise ValueError("item_history_len must be > 0")
+        if self.item_store_iat and (not self.variant.iat_branch or self.item_branch == "none"):
+            raise ValueError(f"item_store_iat adds a second IAT branch over the item branch's "
+                             f"store; history source {self.history_source.value} with item "
+                             f"branch {self.item_branch} has no IAT branch or no item branch")
         if self.variant.is_sif and self.mixer.side_values < LABEL_VOCAB_SIZE:
             raise ValueError(f"mixer.side_values ({self.mixer.side_values}) must cover "
                              f"the {LABEL_VOCAB_SIZE} label side-information values")
@@ -314,6 +322,8 @@ class IATHistoryArch(nn.Module):
     Args:
         branch: :class:`IATBranch` with ``query_dim = (1 + F) * D``.
         lookup: the token lookup, row ids [B, L] -> [B, L, d].
+        item_history: read the item branch's own histories (``TowerInputs.item_history``, rows
+            of the lookup's store) instead of the shared ``history``.
 
     Example::
 
@@ -324,12 +334,16 @@ class IATHistoryArch(nn.Module):
 
     num_tokens = 1
 
-    def __init__(self, branch: IATBranch, lookup: FrozenLookup) -> None:
+    def __init__(self, branch: IATBranch, lookup: FrozenLookup,
+                 item_history: bool = False) -> None:
         super().__init__()
-        self.branch, self.lookup = branch, lookup
+        self.branch, self.lookup, self.item_history = branch, lookup, item_history
 
     def forward(self, x: TowerInputs) -> torch.Tensor:
-        hist = x.shared_history()
+        if self.item_history and x.item_history is None:
+            raise ValueError("this IAT branch reads the item store's histories: give "
+                             "item_history")
+        hist = x.item_history if self.item_history else x.shared_history()
         tokens = self.lookup(hist.row_ids, x.dense)
         query = torch.cat([x.dense, x.sparse.flatten(1)], dim=1)
         return self.branch(tokens, hist.label, hist.gap_bucket, hist.mask, query,
@@ -535,6 +549,7 @@ class DLRMSIFTower(nn.Module):
 
 def build_tower(spec: FeatureSpec, config: DLRMSIFConfig, *,
                 token_lookup: Optional[nn.Module] = None,
+                item_token_lookup: Optional[nn.Module] = None,
                 code_lookup: Optional[nn.Module] = None,
                 codebooks: Optional[torch.Tensor] = None, token_dim: Optional[int] = None,
                 gap_vocab_size: int = DEFAULT_GAP_VOCAB,
@@ -557,6 +572,9 @@ def build_tower(spec: FeatureSpec, config: DLRMSIFConfig, *,
     if v.is_sif and config.mixer.recency_buckets < gap_vocab_size:
         raise ValueError(f"mixer.recency_buckets ({config.mixer.recency_buckets}) must cover "
                          f"gap_vocab_size ({gap_vocab_size})")
+    if config.item_store_iat and item_token_lookup is None:
+        raise ValueError("item_store_iat reads the item store's IAT tokens: give an item token "
+                         "lookup")
     if v.uses_tokens and token_dim is None:
         token_dim = int(getattr(token_lookup, "dim"))
     item_encoders: Dict[str, Callable[[], nn.Module]] = {
@@ -577,6 +595,11 @@ def build_tower(spec: FeatureSpec, config: DLRMSIFConfig, *,
         history_archs.append(IATHistoryArch(
             IATBranch(token_dim, (1 + num_sparse) * d, d, config.iat, LABEL_VOCAB_SIZE,
                       gap_vocab_size, device=device), FrozenLookup(token_lookup)))
+    if config.item_store_iat:
+        history_archs.append(IATHistoryArch(
+            IATBranch(int(getattr(item_token_lookup, "dim")), (1 + num_sparse) * d, d,
+                      config.iat, LABEL_VOCAB_SIZE, gap_vocab_size, device=device),
+            FrozenLookup(item_token_lookup), item_history=True))
     if codebooks is not None:
         codebooks = codebooks.detach().clone().to(device=device, dtype=torch.float32)
     inter_arch: nn.Module
@@ -645,6 +668,8 @@ class DLRM_SIF(nn.Module):
         config: sizes and history source.
         token_lookup: frozen IAT token lookup, row ids [B, L] -> [B, L, d]
             (:class:`~iat_torchrec.tokens.lookup.InstanceTokenLookup` or the sharded one).
+        item_token_lookup: frozen IAT token lookup of the item history's own store (with
+            ``config.item_store_iat``: a second IAT branch over ``item_history``).
         code_lookup: frozen code lookup, row ids [B, L] -> [B, L, T, M]
             (:class:`~iat_torchrec.tokens.lookup.SampleCodeLookup`).
         codebooks: the tokenizer's frozen codebooks [T, M, V, d0]
@@ -668,6 +693,7 @@ class DLRM_SIF(nn.Module):
 
     def __init__(self, spec: FeatureSpec, config: DLRMSIFConfig, *,
                  token_lookup: Optional[nn.Module] = None,
+                 item_token_lookup: Optional[nn.Module] = None,
                  code_lookup: Optional[nn.Module] = None,
                  codebooks: Optional[torch.Tensor] = None, token_dim: Optional[int] = None,
                  gap_vocab_size: int = DEFAULT_GAP_VOCAB,
@@ -683,8 +709,9 @@ class DLRM_SIF(nn.Module):
         self.sparse_arch = SparseArch(EmbeddingBagCollection(
             tables=embedding_tables(spec, config), device=table_device))
         self.tower = build_tower(spec, config, token_lookup=token_lookup,
-                                 code_lookup=code_lookup, codebooks=codebooks,
-                                 token_dim=token_dim, gap_vocab_size=gap_vocab_size,
+                                 item_token_lookup=item_token_lookup, code_lookup=code_lookup,
+                                 codebooks=codebooks, token_dim=token_dim,
+                                 gap_vocab_size=gap_vocab_size,
                                  fields_per_subtoken=fields_per_subtoken, device=device)
 
     def forward_with_alignment(self, dense_features: torch.Tensor,

@@ -25,7 +25,9 @@ own train split under ``work/<its name>/seed<k>/iat_user``, every instance of it
 each target split's histories are assembled on that store by user id
 (``hist_transfer_iat_user_<split>``; target users it does not know get empty histories, labels
 shown once matured in that domain's own delay). "Other-domain IAT" reads those tokens alone;
-"DLRM+BST + other-domain IAT" keeps the target domain's own item history (BST) beside them.
+"DLRM+BST + other-domain IAT" keeps the target domain's own item history (BST) beside them;
+"IAT user-order + other-domain IAT" is IAT user-order (BST and an IAT branch over the target
+domain's own user-order store) with a second IAT branch over the other domain's tokens.
 
 Settings: :class:`PipelineConfig` nests one typed config per stage (``data``, ``compress``,
 ``tokenize``, ``assemble``, ``downstream``: the stage configs themselves, so every setting keeps
@@ -78,6 +80,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "Other-domain IAT": dict(source="iat", store=TRANSFER_STORE, iat_item_branch="none"),
     "DLRM+BST + other-domain IAT": dict(source="iat", store=TRANSFER_STORE,
                                         item_store="iat_temporal", iat_item_branch="bst"),
+    "IAT user-order + other-domain IAT": dict(source="iat", store=TRANSFER_STORE,
+                                              item_store="iat_user", iat_item_branch="bst",
+                                              item_store_iat=True),
 }
 SCHEMES = {"iat_temporal": Scheme.TEMPORAL, "iat_user": Scheme.USER}
 TRANSFER_VARIANTS = tuple(v for v, d in VARIANTS.items() if d["store"] == TRANSFER_STORE)
@@ -95,7 +100,7 @@ PLAN_OWNED: Dict[str, tuple] = {
                    "train_history", "valid_history", "test_history", "item_logs", "results",
                    "item_store", "train_item_history", "valid_item_history",
                    "test_item_history", "model.history_source", "model.interaction",
-                   "model.iat_item_branch", *_TRAINING),
+                   "model.iat_item_branch", "model.item_store_iat", *_TRAINING),
 }
 
 
@@ -366,6 +371,7 @@ class _Planner:
             interaction="mixer" if sif else v.get("interaction", c.baseline_interaction),
             item_feature=c.item_feature_of(dataset),
             iat_item_branch=v.get("iat_item_branch", d.model.iat_item_branch),
+            item_store_iat=v.get("item_store_iat", False),
             item_history_len=min(d.model.item_history_len, c.assemble.max_len))
         config = dataclasses.replace(
             d, train_log=splits["train"], valid_log=splits["valid"], test_log=splits["test"],

@@ -7,8 +7,9 @@ generator's ``domain_correlation`` (``--correlations``; none: the base config as
 MovieLens genre split), in ``<run_root>/<name>``. From each run's test predictions:
 
 - the gain of adding the other domain's IAT tokens to the target's own item history
-  ("DLRM+BST + other-domain IAT" over "DLRM+BST"), and of the tokens alone over no history
-  ("Other-domain IAT" over "DLRM");
+  ("DLRM+BST + other-domain IAT" over "DLRM+BST"), of the tokens alone over no history
+  ("Other-domain IAT" over "DLRM"), and of a second IAT branch over them beside the target's
+  own IAT tokens ("IAT user-order + other-domain IAT" over "IAT user-order");
 - each with its std over seeds and a paired bootstrap interval over test users; a gain whose
   interval holds zero is "n.s.";
 - on synthetic data, the oracle AUCs of the target's test samples, ``transferable`` included:
@@ -42,7 +43,8 @@ from iat_torchrec.pipeline.runner import run_pipeline
 from iat_torchrec.stages.evaluate import EvaluateConfig, gains_over, load_runs
 
 # measured variant -> the reference its gain is relative to
-GAINS = {"DLRM+BST + other-domain IAT": "DLRM+BST", "Other-domain IAT": "DLRM"}
+GAINS = {"DLRM+BST + other-domain IAT": "DLRM+BST", "Other-domain IAT": "DLRM",
+         "IAT user-order + other-domain IAT": "IAT user-order"}
 
 
 @dataclasses.dataclass

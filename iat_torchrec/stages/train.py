@@ -35,7 +35,9 @@ Decisions:
   histories assembled for these target logs by joining on the user id. The item branch can then
   keep the target domain's own history: ``item_store`` and ``*_item_history`` (shards of the
   same target logs on that store; its items from ``item_logs``, default the item store's
-  exported logs) feed the item branch while the IAT branch reads ``iat_store``.
+  exported logs) feed the item branch while the IAT branch reads ``iat_store``; with
+  ``--model.item_store_iat`` (an ``iat`` item store, the target domain's own tokens) a second
+  IAT branch reads the item store's tokens over those same histories.
 - ``gap_vocab_size`` comes from the train shards' layout and ``fields_per_subtoken`` from the SIF
   store's tokenizer config (not flags: they must match what was built); the valid / test shards
   must have the same layout as the train shards.
@@ -222,7 +224,8 @@ def check_train_inputs(cfg: TrainDownstreamConfig) -> TrainInputs:
             raise TrainInputError(f"--item_store feeds the item branch; history source "
                                   f"{src.value} with item branch {cfg.model.item_branch} has "
                                   "none")
-        item_store = TokenStore.open(cfg.item_store)
+        item_store = (_open_store(cfg.item_store, "iat", "item_store")
+                      if cfg.model.item_store_iat else TokenStore.open(cfg.item_store))
         item_shards = _open_shards(logs, {"train": cfg.train_item_history,
                                           "valid": cfg.valid_item_history,
                                           "test": cfg.test_item_history}, item_store,
@@ -233,6 +236,9 @@ def check_train_inputs(cfg: TrainDownstreamConfig) -> TrainInputs:
                 f"{cfg.train_item_history}: gap buckets {list(theirs.gap_boundaries_s)} differ "
                 f"from the history shards' {list(ours.gap_boundaries_s)}; assemble both with "
                 "the same --gap_boundaries_s")
+    elif cfg.model.item_store_iat:
+        raise TrainInputError("--model.item_store_iat reads the item store's tokens: give "
+                              "--item_store")
     item_logs: List[str] = []
     if cfg.model.item_branch != "none":
         items_from = item_store if item_store is not None else history_store
@@ -321,6 +327,10 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
         code_lookup = make_code_lookup(inputs.sif_store, cfg.lookup, env.device,
                                        rows_like=inputs.iat_store)
         lookups["codes"] = held_rows(code_lookup, inputs.sif_store, env)
+    item_token_lookup = None
+    if mcfg.item_store_iat:
+        item_token_lookup = make_token_lookup(inputs.item_store, cfg.lookup, env.device)
+        lookups["item tokens"] = held_rows(item_token_lookup, inputs.item_store, env)
     code_store = inputs.sif_store if inputs.codebooks is not None else None
     k = mcfg.item_history_len if mcfg.item_branch != "none" else 0
 
@@ -344,7 +354,8 @@ def run_train(cfg: TrainDownstreamConfig) -> Optional[Dict[str, Any]]:
 
     model, optimizer = build_sharded(
         lambda tables: DLRM_SIFTrain(DLRM_SIF(
-            spec, mcfg, token_lookup=token_lookup, code_lookup=code_lookup,
+            spec, mcfg, token_lookup=token_lookup, item_token_lookup=item_token_lookup,
+            code_lookup=code_lookup,
             codebooks=inputs.codebooks,
             token_dim=inputs.iat_store.token_shape[0] if v.uses_tokens else None,
             gap_vocab_size=inputs.gap_vocab_size,
