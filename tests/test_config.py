@@ -55,6 +55,8 @@ HOMONYMS = {
     "store": "the store a stage writes / the store assembly reads",
     "overwrite": "replace a stage's store / assembly's shards",
     "output": "assembly's shards folder / what BST outputs (target token or mean)",
+    "side_init_std": "initial std of the side-information embeddings of the IAT branch / of the "
+                     "SIF-Mixer's recency and side encodings",
 }
 
 
