@@ -488,9 +488,8 @@ class DLRMSIFTower(nn.Module):
         dense_arch: dense features [B, num_dense] -> [B, D].
         history_archs: parts :class:`TowerInputs` -> ``num_tokens`` more feature tokens
             [B, num_tokens, D] each.
-        inter_arch: ``(inputs, features [B, F + H, D]) -> (out [B, n],  (H: the history
-            archs' tokens)
-            per-row alignment loss [B])``.
+        inter_arch: ``(inputs, features [B, F + H, D]) -> (out [B, n], per-row alignment
+            loss [B])``, H the history archs' tokens in all.
         over_arch: [B, n] -> logits [B, num_labels].
         codebooks: frozen HGAQ codebooks [T, M, V, d0] (a buffer, handed to the parts).
 
