@@ -214,6 +214,10 @@ def test_bad_inputs_are_refused_before_training(world, tmp_path, monkeypatch):
     with pytest.raises(TrainInputError, match="must be a 'sif' store"):
         run_train(parse_config(TrainDownstreamConfig, _args(world, "sif_codes", "--sif_store",
                                                             str(world["store"]))))
+    # A second IAT branch over the item store's tokens without an item store.
+    with pytest.raises(TrainInputError, match="item_store_iat reads the item store's tokens"):
+        run_train(parse_config(TrainDownstreamConfig, _args(world, "iat",
+                                                            "--model.item_store_iat", "true")))
     # A target log without labels.
     nolabel = tmp_path / "nolabel"
     shutil.copytree(s["test"], nolabel)

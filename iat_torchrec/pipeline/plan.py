@@ -37,9 +37,10 @@ A run is reproducible from the ``config.json`` it writes (``--config``).
 
 Variants (METHOD.md, "Evaluation protocol"): DLRM (no history, dot interaction), DLRM+pooled
 history and DCNv2 (the peer's DNN and DCNv2: the mean of the last k items and the mean of their
-labels as two more features, through the dot interaction or TorchRec's DCN cross net), DLRM+DIN, DLRM+BST,
-IAT temporal-order, IAT user-order (each with the BST item branch beside the IAT branch), SIF
-(HGAQ codes through the SIF-Mixer) and SIF over IAT tokens (``sif_iat``, user-order store). The
+labels as two more features, through the dot interaction or TorchRec's DCN cross net),
+DLRM+DIN, DLRM+BST, IAT temporal-order, IAT user-order (each with the BST item branch beside
+the IAT branch), SIF (HGAQ codes through the SIF-Mixer) and SIF over IAT tokens (``sif_iat``,
+user-order store). The
 variants without an interaction of their own use ``baseline_interaction`` (dot: TorchRec's
 DLRM); the SIF ones need the SIF-Mixer. What each variant needs (tokens, codes, the mixer)
 comes from the model's table of history sources (:data:`iat_torchrec.models.variants.VARIANTS`).
