@@ -590,15 +590,17 @@ def build_tower(spec: FeatureSpec, config: DLRMSIFConfig, *,
         history_archs.append(ItemHistoryArch(
             item_encoders[config.item_branch](), sparse_names.index(config.item_feature),
             config.item_history_len, gap_vocab_size - 1))
+
+    def iat_arch(lookup: nn.Module, dim: int, item_history: bool = False) -> IATHistoryArch:
+        return IATHistoryArch(IATBranch(dim, (1 + num_sparse) * d, d, config.iat,
+                                        LABEL_VOCAB_SIZE, gap_vocab_size, device=device),
+                              FrozenLookup(lookup), item_history)
+
     if v.iat_branch:
-        history_archs.append(IATHistoryArch(
-            IATBranch(token_dim, (1 + num_sparse) * d, d, config.iat, LABEL_VOCAB_SIZE,
-                      gap_vocab_size, device=device), FrozenLookup(token_lookup)))
+        history_archs.append(iat_arch(token_lookup, token_dim))
     if config.item_store_iat:
-        history_archs.append(IATHistoryArch(
-            IATBranch(int(getattr(item_token_lookup, "dim")), (1 + num_sparse) * d, d,
-                      config.iat, LABEL_VOCAB_SIZE, gap_vocab_size, device=device),
-            FrozenLookup(item_token_lookup), item_history=True))
+        history_archs.append(iat_arch(item_token_lookup, int(getattr(item_token_lookup, "dim")),
+                                      item_history=True))
     if codebooks is not None:
         codebooks = codebooks.detach().clone().to(device=device, dtype=torch.float32)
     inter_arch: nn.Module
